@@ -1,0 +1,28 @@
+r"""Quickstart: a 4-layer iGPT on scikit-learn's 8x8 handwritten digits, minutes on a CPU.
+
+Needs no download: the 1,797 digits ship inside scikit-learn. 8x8 images (64 tokens), a
+16-color palette fitted on the training images, next-pixel prediction.
+
+  python -m igpt_jax.main --config=configs/quickstart.py --workdir=/tmp/igpt_quickstart
+"""
+
+from igpt_jax import config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.dataset = "digits"
+  c.image_size = 8
+  c.palette_size = 16
+  c.palette_fit_pixels = 50_000
+  config_lib.igpt_size(c, num_layers=4, width=128, num_heads=4)
+  c.batch_size = 64
+  c.total_steps = 1_500
+  c.learning_rate = 3e-3
+  c.warmup_steps = 100
+  c.log_every_steps = 100
+  c.eval_every_steps = 500
+  c.eval_batches = -1
+  c.checkpoint_every_steps = 500
+  c.num_samples = 16
+  return c

@@ -1,0 +1,78 @@
+"""Orbax checkpoints of the train state in `workdir/checkpoints`, plus the run's config.
+
+Every process takes part in saving (sharded arrays); orbax writes each step into a temporary
+directory and renames it when complete, so a half-written step never becomes the latest. The
+palette and `config.json` live beside the checkpoints in `workdir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+# Fields that fix the shapes or meaning of a checkpoint: resuming with other values is an error.
+STATE_DEFINING_FIELDS = ("image_size", "palette_size", "objective", "model.num_layers",
+                         "model.width", "model.num_heads", "model.mlp_ratio")
+
+
+def manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))
+  return restored["state"]
+
+
+def abstract_like(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _get(config, field):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  return value
+
+
+def save_config(workdir: str, config) -> None:
+  path = os.path.join(workdir, "config.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def check_compatible(workdir: str, config) -> None:
+  """Fails, naming the fields, if `workdir` holds a run whose state this config cannot load."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  diffs = []
+  for field in STATE_DEFINING_FIELDS:
+    old = saved
+    for part in field.split("."):
+      old = old.get(part) if isinstance(old, dict) else None
+    new = _get(config, field)
+    if old is not None and old != new:
+      diffs.append(f"{field}: saved {old!r}, now {new!r}")
+  if diffs:
+    raise ValueError(
+        f"workdir {workdir} holds a run with a different model; its checkpoints cannot be "
+        f"restored with this config ({'; '.join(diffs)}). Use a new --workdir, or set those "
+        "fields back.")

@@ -1,0 +1,215 @@
+"""The base experiment config every `configs/*.py` derives from, and its validation.
+
+Every knob has a default here. `validate(config)` runs once, before anything compiles, and
+raises `ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+OBJECTIVES = ("next_pixel", "masked_pixel")
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters: FSDP shards `embed` over `fsdp`, Megatron-style
+# tensor parallelism splits heads and MLP width over `tensor`. Activations: the batch is split
+# over `data` and `fsdp`; heads/MLP activations follow their weights.
+DEFAULT_RULES = (
+    ("vocab", None),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", None),
+)
+
+
+class ConfigError(ValueError):
+  """A config field has a value that cannot work; the message names the field and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all configs: the paper's recipe on CIFAR-10 at 32x32 with iGPT-S."""
+  c = ml_collections.ConfigDict()
+
+  # Data. `dataset`: a tfds name (cifar10, cifar100, stl10, imagenet2012, ...), a path to a
+  # local folder `<split>/<label>/<image>`, or `digits` (scikit-learn's 8x8 digits, built in).
+  c.dataset = "cifar10"
+  c.data_dir = ""  # tfds data_dir; also where local folders are converted. "" = tfds default.
+  c.download = True  # let tfds download a hub dataset that is not prepared yet.
+  c.train_split = "train"
+  c.test_split = "test"
+  c.holdout_fraction = 0.1  # tail of the train split held out as validation (paper: 10%).
+  c.image_size = 32
+  c.train_crop_fraction = (1.0, 1.0)  # random square crop side, as a fraction of the short side.
+  c.train_flip = False
+  c.shuffle_buffer = 16_384
+  c.cache_data = True  # keep the encoded split in memory (small datasets).
+
+  # Palette. "" = `workdir/palette.npy`, fitted on the train split when missing.
+  c.palette_size = 512
+  c.palette_path = ""
+  c.palette_fit_images = 10_000
+  c.palette_fit_pixels = 500_000
+  c.palette_fit_iterations = 30
+
+  # Objective.
+  c.objective = "next_pixel"
+  c.mask_prob = 0.15
+
+  # Model (iGPT-S by default).
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 24
+  c.model.width = 512
+  c.model.num_heads = 8
+  c.model.mlp_ratio = 4
+  c.model.dtype = "float32"  # compute dtype; master weights stay float32.
+  c.model.remat_policy = "none"
+
+  # Optimisation (paper: Adam b2 0.95, no weight decay, one-epoch warmup, cosine to 0).
+  c.batch_size = 128  # global.
+  c.total_steps = 1_000_000
+  c.learning_rate = 3e-3
+  c.warmup_steps = -1  # -1 = one epoch of the (held-out-reduced) train split.
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.adam_eps = 1e-8
+  c.weight_decay = 0.0
+  c.grad_clip_norm = 1.0
+  c.seed = 0
+
+  # Devices. -1 means "all remaining devices".
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.logical_axis_rules = DEFAULT_RULES
+
+  # Bookkeeping.
+  c.log_every_steps = 50
+  c.eval_every_steps = 5_000
+  c.eval_batches = 20  # validation batches per evaluation; -1 = the whole held-out split.
+  c.checkpoint_every_steps = 5_000
+  c.keep_checkpoints = 3
+  c.num_samples = 8  # images sampled at the end of training into workdir/samples.
+  c.sample_temperature = 1.0
+  return c
+
+
+def igpt_size(c: ml_collections.ConfigDict, num_layers: int, width: int, num_heads: int):
+  c.model.num_layers, c.model.width, c.model.num_heads = num_layers, width, num_heads
+  return c
+
+
+def _fail(field, value, fix):
+  raise ConfigError(f"config.{field}={value!r}: {fix}")
+
+
+def _positive_int(c, field):
+  value = c
+  for part in field.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    _fail(field, value, "must be a positive integer.")
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """Fills the one -1 entry of config.mesh so the product is the device count."""
+  sizes = [mesh_cfg[a] for a in MESH_AXES]
+  for axis, s in zip(MESH_AXES, sizes):
+    if isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1):
+      _fail(f"mesh.{axis}", s, "must be a positive integer or -1 (all remaining devices).")
+  if sizes.count(-1) > 1:
+    _fail("mesh", dict(zip(MESH_AXES, sizes)), "at most one axis may be -1.")
+  known = math.prod(s for s in sizes if s != -1)
+  if num_devices % known:
+    _fail("mesh", dict(zip(MESH_AXES, sizes)),
+          f"the fixed axes multiply to {known}, which does not divide the {num_devices} "
+          "devices available.")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    _fail("mesh", dict(zip(MESH_AXES, sizes)),
+          f"the axes multiply to {math.prod(sizes)} but {num_devices} devices are available; "
+          "set one axis to -1.")
+  return tuple(sizes)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks every field before anything compiles. Raises ConfigError naming the field."""
+  if not isinstance(c.dataset, str) or not c.dataset:
+    _fail("dataset", c.dataset, "must be a tfds name, a local image folder, or 'digits'.")
+  if c.objective not in OBJECTIVES:
+    _fail("objective", c.objective, f"must be one of {OBJECTIVES}.")
+  for field in ("image_size", "palette_size", "batch_size", "total_steps", "model.num_layers",
+                "model.width", "model.num_heads", "model.mlp_ratio", "log_every_steps",
+                "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "palette_fit_images", "palette_fit_pixels", "palette_fit_iterations",
+                "shuffle_buffer"):
+    _positive_int(c, field)
+  if c.palette_size < 2:
+    _fail("palette_size", c.palette_size, "needs at least 2 colors.")
+  if c.palette_fit_pixels < c.palette_size:
+    _fail("palette_fit_pixels", c.palette_fit_pixels,
+          f"must be at least palette_size={c.palette_size} to fit that many centers.")
+  if c.model.width % c.model.num_heads:
+    _fail("model.width", c.model.width,
+          f"must be divisible by model.num_heads={c.model.num_heads} (head_dim = width / "
+          "heads); change one of them.")
+  if c.model.dtype not in DTYPES:
+    _fail("model.dtype", c.model.dtype, f"must be one of {DTYPES}.")
+  from igpt_jax.model import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
+  if c.model.remat_policy not in REMAT_POLICIES:
+    _fail("model.remat_policy", c.model.remat_policy, f"must be one of {REMAT_POLICIES}.")
+  if not 0.0 < c.mask_prob < 1.0:
+    _fail("mask_prob", c.mask_prob, "must be in (0, 1); the paper masks 15% of pixels.")
+  if not 0.0 <= c.holdout_fraction < 1.0:
+    _fail("holdout_fraction", c.holdout_fraction, "must be in [0, 1).")
+  if not (isinstance(c.learning_rate, (int, float)) and c.learning_rate > 0):
+    _fail("learning_rate", c.learning_rate, "must be a positive number.")
+  if isinstance(c.warmup_steps, bool) or not isinstance(c.warmup_steps, int) or (
+      c.warmup_steps < -1):
+    _fail("warmup_steps", c.warmup_steps, "must be >= 0, or -1 for one epoch.")
+  if c.warmup_steps > c.total_steps:
+    _fail("warmup_steps", c.warmup_steps, f"exceeds total_steps={c.total_steps}.")
+  for field in ("adam_b1", "adam_b2"):
+    if not 0.0 <= c[field] < 1.0:
+      _fail(field, c[field], "must be in [0, 1).")
+  if c.weight_decay < 0:
+    _fail("weight_decay", c.weight_decay, "must be >= 0 (the paper uses 0).")
+  if c.grad_clip_norm < 0:
+    _fail("grad_clip_norm", c.grad_clip_norm, "must be >= 0 (0 disables clipping).")
+  lo, hi = tuple(c.train_crop_fraction)
+  if not 0.0 < lo <= hi <= 1.0:
+    _fail("train_crop_fraction", c.train_crop_fraction, "must be (lo, hi) with 0 < lo <= hi <= 1.")
+  if isinstance(c.eval_batches, bool) or not isinstance(c.eval_batches, int) or (
+      c.eval_batches == 0 or c.eval_batches < -1):
+    _fail("eval_batches", c.eval_batches, "must be a positive integer or -1 (whole split).")
+  if c.num_samples < 0:
+    _fail("num_samples", c.num_samples, "must be >= 0.")
+  if not c.sample_temperature > 0:
+    _fail("sample_temperature", c.sample_temperature, "must be > 0.")
+
+  mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))
+  batch_shards = mesh["data"] * mesh["fsdp"]
+  if c.batch_size % batch_shards:
+    _fail("batch_size", c.batch_size,
+          f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}.")
+  if c.model.num_heads % mesh["tensor"]:
+    _fail("model.num_heads", c.model.num_heads,
+          f"must be divisible by mesh.tensor={mesh['tensor']}.")
+  if (c.model.mlp_ratio * c.model.width) % mesh["tensor"]:
+    _fail("model.mlp_ratio", c.model.mlp_ratio,
+          f"MLP width {c.model.mlp_ratio * c.model.width} must divide by mesh.tensor.")
+  if c.model.width % mesh["fsdp"]:
+    _fail("model.width", c.model.width, f"must be divisible by mesh.fsdp={mesh['fsdp']}.")
+  rule_names = [r[0] for r in c.logical_axis_rules]
+  for name in ("vocab", "length", "embed", "heads", "kv", "mlp", "layers", "act_batch"):
+    if name not in rule_names:
+      _fail("logical_axis_rules", "...", f"has no rule for the logical axis {name!r}.")

@@ -1,0 +1,136 @@
+"""A tfds builder that turns a local folder `<split>/<label>/<image file>` into a real tfds dataset.
+
+Unlike `tfds.folder_dataset.ImageFolder`, which re-reads loose files on every pass and has no
+sub-splits, this converts the folder once into tfds' record format (the original encoded bytes,
+not re-encoded), so `train[:90%]`, per-process splits and shuffled files all work like any tfds
+dataset. Each source folder gets its own prepared copy under `data_dir`, keyed by its absolute
+path. Corrupt or empty image files fail the conversion with the file named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image as PILImage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def _listdirs(path):
+  return sorted(e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e)))
+
+
+def scan_folder(root: str) -> dict[str, list[tuple[str, str]]]:
+  """Returns {split: [(image path, label name), ...]} for a `<split>/<label>/<file>` tree."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(
+        f"dataset folder {root} does not exist. config.dataset must be a tfds name or a folder "
+        "laid out as <split>/<label>/<image file> (e.g. train/cat/0001.jpg).")
+  splits = {}
+  for split in _listdirs(root):
+    items = []
+    for label in _listdirs(os.path.join(root, split)):
+      folder = os.path.join(root, split, label)
+      items += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
+                if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if items:
+      splits[split] = items
+  if not splits:
+    raise FileNotFoundError(
+        f"dataset folder {root} holds no images in the layout <split>/<label>/<image file> "
+        f"(extensions {IMAGE_EXTENSIONS}).")
+  return splits
+
+
+def check_image(path: str) -> None:
+  """Raises ValueError naming `path` if it is empty or not a decodable image."""
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"image file {path} is empty; delete or replace it.")
+  try:
+    with PILImage.open(path) as im:
+      im.verify()
+  except Exception as e:  # PIL raises many types for corrupt files.
+    raise ValueError(f"image file {path} is corrupt or not an image ({e}); delete or "
+                     "replace it.") from e
+
+
+def prepared_dir(root: str, data_dir: str) -> str:
+  root = os.path.abspath(root)
+  key = hashlib.sha1(root.encode()).hexdigest()[:10]
+  return os.path.join(data_dir, "igpt_image_folders", f"{os.path.basename(root)}-{key}")
+
+
+class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
+  """Images from `<root>/<split>/<label>/<file>`; features: image (RGB uint8), label."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, root: str, *, data_dir: str, **kwargs):
+    self._root = os.path.abspath(root)
+    self._splits = scan_folder(self._root)
+    self._labels = sorted({label for items in self._splits.values() for _, label in items})
+    super().__init__(data_dir=prepared_dir(self._root, data_dir), **kwargs)
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        description=f"Local image folder {self._root}",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=self._labels),
+        }),
+        supervised_keys=("image", "label"),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(items) for split, items in self._splits.items()}
+
+  def _generate_examples(self, items):
+    for index, (path, label) in enumerate(items):
+      check_image(path)
+      yield index, {"image": path, "label": label}
+
+
+def label_names(builder) -> list[str]:
+  return list(builder.info.features["label"].names)
+
+
+def digits_arrays():
+  """scikit-learn's 1,797 handwritten digits as uint8 [N, 8, 8, 1] (0..255) and labels.
+
+  A fixed split: the first 1,500 images are `train`, the remaining 297 `test`.
+  """
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int64)
+  return {"train": (images[:1500], labels[:1500]), "test": (images[1500:], labels[1500:])}
+
+
+def extract_archive(archive: str, cache_dir: str) -> str:
+  """Extracts a .tar.gz of an image folder into `cache_dir` once; returns the folder path.
+
+  The folder is the archive's single top-level directory if it has one, else `cache_dir/<name>`.
+  A finished extraction is marked with a `.complete` file, so an interrupted one is redone.
+  """
+  import tarfile  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(archive).split(".")[0]
+  dest = os.path.join(cache_dir, name)
+  marker = os.path.join(dest, ".complete")
+  if not os.path.exists(marker):
+    if not os.path.exists(archive):
+      raise FileNotFoundError(f"archive {archive} does not exist.")
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(archive) as tar:
+      tar.extractall(dest, filter="data")
+    open(marker, "w").close()
+  entries = [e for e in os.listdir(dest) if not e.startswith(".")]
+  if len(entries) == 1 and os.path.isdir(os.path.join(dest, entries[0])):
+    inner = os.path.join(dest, entries[0])  # e.g. cifar10/{train,test}/... inside the archive
+    if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(inner)
+               for f in files[:1] if _ == inner or os.path.dirname(_) == inner):
+      return inner
+  return dest

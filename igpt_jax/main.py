@@ -1,0 +1,35 @@
+r"""Trains an iGPT model.
+
+  python -m igpt_jax.main --config=configs/quickstart.py --workdir=/tmp/igpt_quickstart
+  python -m igpt_jax.main --config=configs/l.py --workdir=DIR --config.total_steps=100
+
+Any config field can be overridden with --config.<field>=<value>. Training resumes from the
+latest checkpoint in DIR/checkpoints.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/quickstart.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, palette, metrics and samples.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Config files import `configs.*`; make the checkout that holds them importable.
+  sys.path.insert(0, os.getcwd())
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.getcwd())
+  app.run(main)

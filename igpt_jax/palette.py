@@ -1,0 +1,132 @@
+"""The k-means color palette ("9-bit color") that turns RGB pixels into tokens.
+
+Pixels are scaled to [-1, 1] (`px / 127.5 - 1`) as in OpenAI's release; a palette is a
+`(k, 3)` float32 array of centers in that space, saved as `.npy` exactly like the released
+`kmeans_centers.npy` (so that file loads too). A pixel's token is its nearest center by squared
+Euclidean distance; a token decodes to `rint(127.5 * (center + 1))`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def to_unit(pixels):
+  """uint8-range pixels -> [-1, 1] float32."""
+  return pixels.astype(jnp.float32) / 127.5 - 1.0
+
+
+def as_rgb(images):
+  """Accepts [..., H, W, 3] RGB, [..., H, W, 1] grayscale; grayscale is replicated to RGB."""
+  if images.shape[-1] == 3:
+    return images
+  if images.shape[-1] == 1:
+    return jnp.repeat(images, 3, axis=-1)
+  raise ValueError(
+      f"images must end in a channel axis of 1 (grayscale) or 3 (RGB); got shape "
+      f"{tuple(images.shape)}. Add a channel axis to 2-D grayscale images (x[..., None]).")
+
+
+def squared_distances(x, centers):
+  """x [..., 3], centers [k, 3] -> [..., k], summed channel by channel (exact, no |x|^2 trick)."""
+  return ((x[..., 0:1] - centers[:, 0]) ** 2 + (x[..., 1:2] - centers[:, 1]) ** 2
+          + (x[..., 2:3] - centers[:, 2]) ** 2)
+
+
+@jax.jit
+def quantize(images, centers):
+  """images [..., H, W, C] (uint8 range, C in {1, 3}) -> tokens [..., H*W] int32."""
+  rgb = to_unit(as_rgb(images))
+  flat = rgb.reshape(*rgb.shape[:-3], -1, 3)  # [..., H*W, 3]
+  return jnp.argmin(squared_distances(flat, centers), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "channels"))
+def dequantize(tokens, centers, image_size: int, channels: int = 3):
+  """tokens [..., H*W] -> uint8 images [..., H, W, channels] (channels 1 gives luma)."""
+  rgb = jnp.rint(127.5 * (centers[tokens] + 1.0))
+  rgb = rgb.reshape(*tokens.shape[:-1], image_size, image_size, 3)
+  if channels == 1:
+    rgb = jnp.rint(rgb @ jnp.array([0.299, 0.587, 0.114]))[..., None]
+  return jnp.clip(rgb, 0, 255).astype(jnp.uint8)
+
+
+def _kmeans_pp_init(key, x, k):
+  """k-means++ seeding: each new center drawn with probability proportional to D(x)^2."""
+  n = x.shape[0]
+  key, first = jax.random.split(key)
+  centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[jax.random.randint(first, (), 0, n)])
+  d2 = jnp.sum(jnp.square(x - centers[0]), axis=-1)
+
+  def body(i, carry):
+    centers, d2, key = carry
+    key, sub = jax.random.split(key)
+    # A tiny floor keeps the draw defined when fewer than k distinct pixels exist.
+    logits = jnp.log(d2 + 1e-12)
+    c = x[jax.random.categorical(sub, logits)]
+    centers = centers.at[i].set(c)
+    d2 = jnp.minimum(d2, jnp.sum(jnp.square(x - c), axis=-1))
+    return centers, d2, key
+
+  centers, _, _ = jax.lax.fori_loop(1, k, body, (centers, d2, key))
+  return centers
+
+
+def _assign(x, centers):
+  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the |x|^2 term does not change the argmin.
+  d = -2.0 * x @ centers.T + jnp.sum(jnp.square(centers), axis=-1)
+  return jnp.argmin(d, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iterations"))
+def _kmeans(key, x, k: int, iterations: int):
+  centers = _kmeans_pp_init(key, x, k)
+
+  def lloyd(_, centers):
+    assign = _assign(x, centers)
+    sums = jax.ops.segment_sum(x, assign, num_segments=k)
+    counts = jax.ops.segment_sum(jnp.ones(x.shape[0], x.dtype), assign, num_segments=k)
+    # An empty cluster keeps its previous center.
+    return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centers)
+
+  return jax.lax.fori_loop(0, iterations, lloyd, centers)
+
+
+def fit(pixels, k: int, *, seed: int = 0, iterations: int = 30):
+  """Fits a k-color palette to RGB pixels [N, 3] (uint8 range). Returns (k, 3) float32."""
+  pixels = np.asarray(pixels).reshape(-1, 3)
+  if pixels.shape[0] < k:
+    raise ValueError(f"palette fit needs at least k={k} pixels, got {pixels.shape[0]}")
+  centers = _kmeans(jax.random.PRNGKey(seed), to_unit(jnp.asarray(pixels)), k, iterations)
+  return np.asarray(centers, np.float32)
+
+
+def load(path: str, k: int) -> np.ndarray:
+  """Loads a (k, 3) palette .npy (ours or OpenAI's kmeans_centers.npy), checking its shape."""
+  try:
+    centers = np.load(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read palette file {path}: {e}. Delete it to refit, or set "
+                     "config.palette_path to a valid (k, 3) .npy file.") from e
+  if centers.ndim != 2 or centers.shape != (k, 3) or not np.issubdtype(centers.dtype,
+                                                                       np.floating):
+    raise ValueError(
+        f"palette file {path} holds a {centers.dtype} array of shape {centers.shape}; "
+        f"config.palette_size={k} needs a float array of shape ({k}, 3) with values in "
+        "[-1, 1]. Fix config.palette_size or point config.palette_path at a matching file.")
+  if not np.all(np.isfinite(centers)) or np.abs(centers).max() > 1.0 + 1e-6:
+    raise ValueError(f"palette file {path} has values outside [-1, 1] (pixels are scaled "
+                     "with px / 127.5 - 1); it is not an iGPT palette.")
+  return centers.astype(np.float32)
+
+
+def save(path: str, centers: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npy"
+  np.save(tmp, np.asarray(centers, np.float32))
+  os.replace(tmp, path)

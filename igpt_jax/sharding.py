@@ -1,0 +1,71 @@
+"""Device mesh, logical-axis shardings and global batches.
+
+The mesh has three named axes (`data`, `fsdp`, `tensor`) sized by `config.mesh`; the model names
+every parameter and activation axis logically and `config.logical_axis_rules` maps those names
+to mesh axes. Changing the parallelism plan is a config change only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from igpt_jax import config_lib
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """A `data x fsdp x tensor` mesh over all devices of all processes."""
+  devices = jax.devices() if devices is None else devices
+  shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+  return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=axis_types, devices=devices)
+
+
+def rules(config):
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.logical_axis_rules)
+
+
+@contextlib.contextmanager
+def use(mesh, config):
+  """The mesh and logical rules in force while tracing sharded model code."""
+  set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+  with set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+    yield
+
+
+def param_shardings(boxed_params, mesh, config):
+  """NamedShardings for a tree of logically partitioned (boxed) parameters or shapes."""
+  specs = nn.get_partition_spec(boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules(config))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Leading (batch) axis split over data x fsdp; the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict, mesh) -> dict:
+  """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def local_batch_size(config) -> int:
+  """The share of the global batch this process feeds (processes feed equal shares)."""
+  if config.batch_size % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size}: must be divisible by the number of processes "
+        f"({jax.process_count()}).")
+  return config.batch_size // jax.process_count()

@@ -5,12 +5,11 @@ The learning rate is our starting point for a sweep; the paper swept it per size
   python -m igpt_jax.main --config=configs/l.py --workdir=/tmp/igpt_l
 """
 
-from configs import s
 from igpt_jax import config_lib
 
 
 def get_config():
-  c = s.imagenet_base()
+  c = config_lib.imagenet_config()
   config_lib.igpt_size(c, num_layers=48, width=1536, num_heads=16)
   c.learning_rate = 1e-3
   c.model.remat_policy = "dots_saveable"

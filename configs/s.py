@@ -9,21 +9,8 @@ cosine decay to 0, no weight decay, no dropout, 4% of ImageNet train held out.
 from igpt_jax import config_lib
 
 
-def imagenet_base():
-  c = config_lib.base_config()
-  c.dataset = "imagenet2012"
-  c.test_split = "validation"
-  c.holdout_fraction = 0.04
-  # Paper: random short side in [256, 384], random 224 crop -> crop side is 58%-88% of the
-  # short side, then an area downsample to the model resolution. Eval: centre crop.
-  c.train_crop_fraction = (224 / 384, 224 / 256)
-  c.cache_data = False
-  c.shuffle_buffer = 50_000
-  return c
-
-
 def get_config():
-  c = imagenet_base()
+  c = config_lib.imagenet_config()
   config_lib.igpt_size(c, num_layers=24, width=512, num_heads=8)
   c.learning_rate = 3e-3
   return c

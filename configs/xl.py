@@ -6,12 +6,11 @@ learning rate are our choices; the reference gives neither.
   python -m igpt_jax.main --config=configs/xl.py --workdir=/tmp/igpt_xl
 """
 
-from configs import s
 from igpt_jax import config_lib
 
 
 def get_config():
-  c = s.imagenet_base()
+  c = config_lib.imagenet_config()
   config_lib.igpt_size(c, num_layers=60, width=3072, num_heads=24)
   c.image_size = 64
   c.batch_size = 64

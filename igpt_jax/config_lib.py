@@ -103,6 +103,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_config() -> ml_collections.ConfigDict:
+  """The paper's ImageNet pre-training recipe; configs/s, m, l, xl.py set the model size."""
+  c = base_config()
+  c.dataset = "imagenet2012"
+  c.test_split = "validation"
+  c.holdout_fraction = 0.04
+  # Paper: random short side in [256, 384], random 224 crop -> crop side is 58%-88% of the
+  # short side, then an area downsample to the model resolution. Eval: centre crop.
+  c.train_crop_fraction = (224 / 384, 224 / 256)
+  c.cache_data = False
+  c.shuffle_buffer = 50_000
+  return c
+
+
 def igpt_size(c: ml_collections.ConfigDict, num_layers: int, width: int, num_heads: int):
   c.model.num_layers, c.model.width, c.model.num_heads = num_layers, width, num_heads
   return c

@@ -4,14 +4,13 @@ r"""Trains an iGPT model.
   python -m igpt_jax.main --config=configs/l.py --workdir=DIR --config.total_steps=100
 
 Any config field can be overridden with --config.<field>=<value>. Training resumes from the
-latest checkpoint in DIR/checkpoints.
+latest checkpoint in DIR/checkpoints. Library INFO logs (orbax, absl) are hidden unless
+--verbosity=0 is given.
 """
-
-import os
-import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -24,12 +23,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # Config files import `configs.*`; make the checkout that holds them importable.
-  sys.path.insert(0, os.getcwd())
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.getcwd())
   app.run(main)

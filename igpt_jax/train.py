@@ -214,8 +214,11 @@ def _check_finite(step: int, metrics: dict) -> None:
         "lower config.learning_rate or enable config.grad_clip_norm.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  Returns the final train state and the metrics of the last logged step.
+  """
   os.makedirs(workdir, exist_ok=True)
   checkpointing.check_compatible(workdir, config)
   trainer = Trainer(config, workdir)
@@ -285,4 +288,4 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if "val_bits_per_dim" in result:
     log(f"Done: step {step}, validation bits/dim {result['val_bits_per_dim']:.4f} "
         f"({result['val_loss']:.4f} nats/token).")
-  return result
+  return state, result

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real CIFAR-10 images as a local image folder, and small configs.
+
+The archive comes from $IGPT_CIFAR10_ARCHIVE, else `../shared/data/cifar10_jpeg.tar.gz` beside the
+checkout. It is extracted once into $IGPT_TEST_CACHE (default ~/.cache/igpt_jax_tests), where the
+tfds conversion of the folder is cached too. Without the archive the tests that need it are
+skipped, unless $IGPT_REQUIRE_DATA=1 (set by .ci/run), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> str:
+  return os.environ.get("IGPT_TEST_CACHE") or os.path.expanduser("~/.cache/igpt_jax_tests")
+
+
+def cifar10_archive() -> str:
+  return os.environ.get("IGPT_CIFAR10_ARCHIVE") or str(
+      REPO.parent / "shared" / "data" / "cifar10_jpeg.tar.gz")
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> str:
+  """The extracted CIFAR-10 JPEG folder (`train/<class>/*.jpg`, `test/<class>/*.jpg`)."""
+  archive = cifar10_archive()
+  if not os.path.exists(archive):
+    msg = (f"CIFAR-10 archive {archive} not found; set IGPT_CIFAR10_ARCHIVE to "
+           "cifar10_jpeg.tar.gz.")
+    if os.environ.get("IGPT_REQUIRE_DATA") == "1":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  from igpt_jax import image_folder  # pylint: disable=g-import-not-at-top
+  return image_folder.extract_archive(archive, cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tfds_dir() -> str:
+  """Where tests keep prepared tfds datasets (the converted CIFAR-10 folder)."""
+  path = os.path.join(cache_dir(), "tfds")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def tiny_config(**overrides):
+  """A 2-layer, width-64 next-pixel model at 16x16 with a 64-color palette."""
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config()
+  c.image_size = 16
+  c.palette_size = 64
+  c.palette_fit_images = 500
+  c.palette_fit_pixels = 20_000
+  c.palette_fit_iterations = 10
+  config_lib.igpt_size(c, num_layers=2, width=64, num_heads=4)
+  c.batch_size = 16
+  c.total_steps = 10
+  c.learning_rate = 3e-3
+  c.warmup_steps = 2
+  c.log_every_steps = 5
+  c.eval_every_steps = 10
+  c.eval_batches = 2
+  c.checkpoint_every_steps = 5
+  c.shuffle_buffer = 1_000
+  c.num_samples = 0
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture
+def cifar_config(cifar10_dir, tfds_dir):
+  def make(**overrides):
+    return tiny_config(dataset=cifar10_dir, data_dir=tfds_dir, **overrides)
+  return make

@@ -1,0 +1,47 @@
+"""Config validation: every bad field fails before anything compiles, naming the field."""
+
+import pytest
+
+from conftest import tiny_config
+from igpt_jax import config_lib
+
+BAD = [
+    ({"model.width": 66}, 4, "model.width=66.*divisible by model.num_heads=4"),
+    ({"batch_size": 6, "mesh.data": 4}, 4, "batch_size=6.*data-parallel size"),
+    ({"objective": "autoregressive"}, 1, "objective='autoregressive'"),
+    ({"image_size": 0}, 1, "image_size=0"),
+    ({"palette_size": 1}, 1, "palette_size=1"),
+    ({"palette_fit_pixels": 10}, 1, "palette_fit_pixels=10"),
+    ({"model.num_layers": 0}, 1, "model.num_layers=0.*positive integer"),
+    ({"model.dtype": "float16"}, 1, "model.dtype='float16'"),
+    ({"model.remat_policy": "some"}, 1, "model.remat_policy='some'"),
+    ({"mask_prob": 1.5}, 1, "mask_prob=1.5"),
+    ({"holdout_fraction": 1.0}, 1, "holdout_fraction=1.0"),
+    ({"learning_rate": -1.0}, 1, "learning_rate=-1.0"),
+    ({"warmup_steps": 100, "total_steps": 10}, 1, "warmup_steps=100.*exceeds total_steps"),
+    ({"adam_b2": 1.0}, 1, "adam_b2=1.0"),
+    ({"grad_clip_norm": -1.0}, 1, "grad_clip_norm=-1.0"),
+    ({"train_crop_fraction": (0.9, 0.5)}, 1, "train_crop_fraction"),
+    ({"eval_batches": 0}, 1, "eval_batches=0"),
+    ({"mesh.tensor": 3}, 4, "mesh=.*does not divide the 4 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, 4, "at most one axis may be -1"),
+    ({"mesh.tensor": 8, "mesh.data": 1}, 8, "model.num_heads=4.*mesh.tensor=8"),
+    ({"mesh.fsdp": 4, "mesh.data": 1, "batch_size": 16, "model.width": 66,
+      "model.num_heads": 2}, 4, "model.width=66.*mesh.fsdp=4"),
+    ({"dataset": ""}, 1, "dataset=''"),
+    ({"sample_temperature": 0.0}, 1, "sample_temperature=0.0"),
+]
+
+
+@pytest.mark.parametrize("overrides, devices, message", BAD)
+def test_bad_config_names_the_field(overrides, devices, message):
+  config = tiny_config(**overrides)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config, devices)
+
+
+def test_good_configs_pass():
+  config_lib.validate(tiny_config(), 1)
+  config_lib.validate(tiny_config(**{"mesh.data": 2, "mesh.tensor": 2}), 4)
+  assert config_lib.resolve_mesh_shape(tiny_config().mesh, 8) == (8, 1, 1)
+  assert config_lib.resolve_mesh_shape(tiny_config(**{"mesh.fsdp": 2}).mesh, 8) == (4, 2, 1)

@@ -1,0 +1,162 @@
+"""The training loop end to end on real images: learning, checkpoints, resume, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from igpt_jax import checkpointing
+from igpt_jax import train
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_next_pixel_loss_goes_down_on_cifar10(cifar_config, tmp_path):
+  config = cifar_config(total_steps=120, log_every_steps=20, eval_every_steps=120,
+                        eval_batches=4, checkpoint_every_steps=120, warmup_steps=10,
+                        **{"model.width": 128, "model.num_heads": 4})
+  _, result = train.train_and_evaluate(config, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [20, 40, 60, 80, 100, 120]
+  # A zero-initialised head predicts the 64 colors uniformly: ln 64 = 4.16 nats at step 0.
+  assert rows[0]["loss"] < np.log(64)
+  assert rows[-1]["loss"] < 0.75 * np.log(64), rows
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+  assert result["val_loss"] < 0.8 * np.log(64)
+  assert result["val_bits_per_dim"] == pytest.approx(result["val_loss"] / (3 * np.log(2)))
+  assert all(r["tokens_per_sec"] > 0 and np.isfinite(r["grad_norm"]) for r in rows)
+  palette = np.load(os.path.join(tmp_path, "palette.npy"))
+  assert palette.shape == (64, 3) and palette.dtype == np.float32
+
+
+def test_masked_pixel_objective_trains(cifar_config, tmp_path):
+  config = cifar_config(objective="masked_pixel", total_steps=40, log_every_steps=20,
+                        eval_every_steps=40, checkpoint_every_steps=40, num_samples=2)
+  _, result = train.train_and_evaluate(config, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert rows[-1]["loss"] < np.log(64) - 0.3
+  assert np.isfinite(result["val_loss"])
+  assert os.path.exists(tmp_path / "samples" / "samples_step40.png")
+
+
+def test_checkpoint_restart_resumes_at_the_right_step(cifar_config, tmp_path):
+  workdir = str(tmp_path)
+  config = cifar_config(total_steps=4, log_every_steps=1, checkpoint_every_steps=2,
+                        eval_every_steps=4, eval_batches=1)
+  state, _ = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 4
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+  # A restart restores exactly what was saved (params and optimizer state) at the right step.
+  trainer = train.Trainer(config, workdir)
+  mgr = checkpointing.manager(workdir, config)
+  assert mgr.latest_step() == 4
+  restored = checkpointing.restore(mgr, 4, checkpointing.abstract_like(
+      trainer.state, trainer.state_shardings))
+  mgr.close()
+  assert int(restored.step) == 4
+  assert_trees_equal(restored.params, state.params)
+  assert_trees_equal(restored.opt_state, state.opt_state)
+
+  # Asking for more steps continues from 4, not from 0.
+  config.total_steps = 6
+  state6, _ = train.train_and_evaluate(config, workdir)
+  assert int(state6.step) == 6
+  assert [r["step"] for r in read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+
+  # Finished runs stay finished: restarting with the same total trains nothing more.
+  state_again, _ = train.train_and_evaluate(config, workdir)
+  assert_trees_equal(state_again.params, state6.params)
+
+
+def test_incompatible_config_in_workdir_is_refused(cifar_config, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(cifar_config(total_steps=2, checkpoint_every_steps=2,
+                                        eval_every_steps=2, eval_batches=1), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(ValueError, match=r"model.width: saved 64, now 128"):
+    train.train_and_evaluate(cifar_config(total_steps=4, **{"model.width": 128}), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_cli_quickstart_runs_on_builtin_digits(tmp_path):
+  workdir = str(tmp_path / "qs")
+  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", "--config.total_steps=30", "--config.warmup_steps=5",
+         "--config.log_every_steps=10",
+         "--config.eval_every_steps=30", "--config.checkpoint_every_steps=30",
+         "--config.num_samples=4"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "800,000 parameters" in out.stdout
+  assert "step 30/30 | loss" in out.stdout and "validation bits/dim" in out.stdout
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows] == [10, 20, 30]
+  for key in ("loss", "bits_per_dim", "tokens_per_sec", "val_bits_per_dim"):
+    assert key in rows[-1]
+  assert os.path.exists(os.path.join(workdir, "samples", "samples_step30.png"))
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["total_steps"] == 30
+
+
+def test_cli_rejects_unknown_config_field(tmp_path):
+  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={tmp_path}", "--config.no_such_field=3"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "no_such_field" in out.stderr
+
+
+DATA_PARALLEL_SCRIPT = r"""
+import json, sys
+import jax
+from conftest import tiny_config
+from igpt_jax import train
+losses = {}
+for mesh in [(4, 1, 1), (1, 4, 1), (2, 1, 2)]:
+  config = tiny_config(dataset=sys.argv[1], data_dir=sys.argv[2], total_steps=3,
+                       log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
+                       **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
+  trainer = train.Trainer(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
+  if mesh == (1, 4, 1):
+    spec = trainer.state.params["wte"].sharding.spec
+    assert spec == jax.P(None, "fsdp"), spec
+  if mesh == (2, 1, 2):
+    spec = trainer.state.params["blocks"]["attn"]["query"].sharding.spec
+    assert spec == jax.P(None, "fsdp", "tensor", None), spec  # [layers, embed, heads, kv]
+  _, result = train.train_and_evaluate(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
+  rows = [json.loads(l) for l in open(sys.argv[3] + "/" + "x".join(map(str, mesh)) + "/metrics.jsonl")]
+  losses["x".join(map(str, mesh))] = [r["loss"] for r in rows]
+print("LOSSES", json.dumps(losses))
+"""
+
+
+def test_same_losses_on_one_and_four_devices(cifar10_dir, tfds_dir, tmp_path, cifar_config):
+  """Data, FSDP and tensor parallel runs on 4 fake CPU devices match one device."""
+  config = cifar_config(total_steps=3, log_every_steps=1, eval_every_steps=3,
+                        checkpoint_every_steps=3)
+  train.train_and_evaluate(config, str(tmp_path / "single"))
+  single = [r["loss"] for r in read_metrics(str(tmp_path / "single"))]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=str(REPO / "tests"))
+  out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, cifar10_dir, tfds_dir,
+                        str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses = json.loads(out.stdout.split("LOSSES", 1)[1])
+  for name, values in losses.items():
+    np.testing.assert_allclose(values, single, rtol=1e-5, err_msg=name)

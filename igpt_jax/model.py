@@ -42,6 +42,9 @@ class ModelConfig:
   causal: bool = True
   dtype: str = "float32"  # compute dtype; parameters are always float32.
   remat_policy: str = "none"
+  # Autoregressive decoding, one position per call, with a key/value cache in the `cache`
+  # collection (see `IGPT`). Parameters are the same as without it.
+  decode: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -93,16 +96,22 @@ class Norm(nn.Module):
     return (y * g).astype(x.dtype)
 
 
-def attention(q, k, v, causal: bool):
-  """Dense multi-head attention. q, k, v: [batch, length, heads, head_dim]."""
+def attention(q, k, v, mask: Optional[jax.Array]):
+  """Dense multi-head attention.
+
+  q: [batch, q_length, heads, head_dim]; k, v: [batch, kv_length, heads, head_dim];
+  mask: bool [q_length, kv_length] (True = may attend) or None for no mask.
+  """
   scale = 1.0 / math.sqrt(q.shape[-1])
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if causal:
-    length = q.shape[1]
-    mask = jnp.tril(jnp.ones((length, length), dtype=bool))
+  if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, length, heads, head_dim]
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, q_length, heads, head_dim]
+
+
+def causal_mask(length: int) -> jax.Array:
+  return jnp.tril(jnp.ones((length, length), dtype=bool))
 
 
 class Attention(nn.Module):
@@ -120,11 +129,36 @@ class Attention(nn.Module):
       w = self.param(name, qkv_init, qkv_shape, jnp.float32)
       return constrain(jnp.einsum("bld,dhk->blhk", x.astype(dtype), w.astype(dtype)), heads)
 
-    out = attention(project("query"), project("key"), project("value"), cfg.causal)
+    q, k, v = project("query"), project("key"), project("value")
+    if cfg.decode:
+      k, v, mask = self._update_cache(k, v)
+    else:
+      mask = causal_mask(x.shape[1]) if cfg.causal else None
+    out = attention(q, k, v, mask)
     out_std = 1.0 / math.sqrt(cfg.width * cfg.num_layers)
     w_out = self.param("out", _init(out_std, ("heads", "kv", "embed")),
                        (cfg.num_heads, cfg.head_dim, cfg.width), jnp.float32)
     return jnp.einsum("blhk,hkd->bld", out, w_out.astype(dtype))
+
+  def _update_cache(self, k, v):
+    """Writes this position's k, v [batch, 1, heads, head_dim] into the cache.
+
+    Returns the whole cached k and v [batch, seq_len, heads, head_dim] and the mask [1, seq_len]
+    of the positions written so far (this one included).
+    """
+    cfg = self.cfg
+    shape = (k.shape[0], cfg.seq_len, cfg.num_heads, cfg.head_dim)
+    cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    names = ("act_batch", None, "act_heads", None)
+    for cached, new in ((cached_k, k), (cached_v, v)):
+      cached.value = constrain(jax.lax.dynamic_update_slice(cached.value, new, (0, i, 0, 0)),
+                               names)
+    index.value = i + 1
+    mask = (jnp.arange(cfg.seq_len) <= i)[None, :]
+    return cached_k.value, cached_v.value, mask
 
 
 class Mlp(nn.Module):
@@ -172,6 +206,12 @@ class IGPT(nn.Module):
   `sos` vector at i=0), so logits[:, i] predict tokens[:, i] from tokens[:, :i].
   Masked-pixel: `keep_mask` [batch, length] bool; embeddings of masked tokens are zeroed
   (position embeddings are still added), attention is bidirectional.
+
+  Decoding (`cfg.decode`, next-pixel only): `tokens` [batch, 1] is the pixel at the previous
+  position (ignored at position 0, where `sos` is the input) and the call returns the logits
+  [batch, 1, vocab] of the next position, reading and extending the key/value cache in the
+  mutable `cache` collection: `apply({"params": p, "cache": c}, t, mutable=["cache"])`. An empty
+  cache comes from `init_cache`.
   """
 
   cfg: ModelConfig
@@ -182,6 +222,8 @@ class IGPT(nn.Module):
     batch, length = tokens.shape
     wte = self.param("wte", _init(0.02, ("vocab", "embed")), (cfg.vocab_size, cfg.width))
     wpe = self.param("wpe", _init(0.01, ("length", "embed")), (cfg.seq_len, cfg.width))
+    if cfg.decode:
+      return self._decode(tokens, wte, wpe)
     h = jnp.take(wte, tokens, axis=0)  # [batch, length, embed]
     if cfg.causal:
       sos = self.param("sos", _init(0.02, ("embed",)), (cfg.width,))
@@ -191,15 +233,36 @@ class IGPT(nn.Module):
     h = (h + wpe[None, :length]).astype(cfg.compute_dtype)
     h = constrain(h, ("act_batch", "act_length", "act_embed"))
 
+    return self._head(self._blocks(h))
+
+  def _decode(self, prev_tokens, wte, wpe):
+    cfg = self.cfg
+    if not cfg.causal:
+      raise ValueError("decode=True needs a next-pixel (causal) model; masked-pixel models are "
+                       "sampled by iterative infilling (igpt_jax.sampling.infill).")
+    batch = prev_tokens.shape[0]
+    index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    index.value = i + 1
+    sos = self.param("sos", _init(0.02, ("embed",)), (cfg.width,))
+    h = jnp.where(i == 0, sos, jnp.take(wte, prev_tokens[:, :1], axis=0))  # [batch, 1, embed]
+    h = (h + jax.lax.dynamic_slice_in_dim(wpe, i, 1)[None]).astype(cfg.compute_dtype)
+    return self._head(self._blocks(constrain(h, ("act_batch", None, "act_embed"))))
+
+  def _blocks(self, h):
+    cfg = self.cfg
     blocks = nn.scan(
         _remat_block(cfg.remat_policy),
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     h, _ = blocks(cfg, name="blocks")(h, None)
+    return h
 
+  def _head(self, h):
+    cfg = self.cfg
     h = Norm(name="ln_f")(h)
     wtet = self.param("wtet", nn.with_logical_partitioning(nn.initializers.zeros,
                                                            ("vocab", "embed")),
@@ -207,6 +270,14 @@ class IGPT(nn.Module):
     logits = jnp.einsum("bld,vd->blv", h, wtet.astype(cfg.compute_dtype),
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def init_cache(cfg: ModelConfig, batch: int):
+  """An empty key/value cache for decoding `batch` images with a `decode=True` model."""
+  model = IGPT(dataclasses.replace(cfg, decode=True))
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 1), jnp.int32)))
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
 def count_params(params) -> int:

@@ -167,6 +167,14 @@ class Trainer:
       palette_lib.save(path, centers)
     return centers
 
+  def restore_latest(self, mgr):
+    """(state, step) of the newest checkpoint onto this trainer's shardings; (None, None)."""
+    latest = mgr.latest_step()
+    if latest is None:
+      return None, None
+    abstract = checkpointing.abstract_like(self.state, self.state_shardings)
+    return checkpointing.restore(mgr, latest, abstract), latest
+
   def train_step(self, state, local_batch):
     with sharding.use(self.mesh, self.config):
       return self._train_step(state, sharding.global_batch(local_batch, self.mesh))
@@ -188,12 +196,27 @@ class Trainer:
     loss = nats / max(count, 1.0)
     return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
 
-  def sample(self, params, num: int, rng) -> np.ndarray:
-    """Samples `num` images (uint8 [num, S, S, 3]) with the naive sampler."""
-    tokens = sampling.sample_naive(self.apply_fn, params, rng, num=num,
-                                   seq_len=self.model_cfg.seq_len, causal=self.model_cfg.causal,
-                                   temperature=self.config.sample_temperature)
-    return np.asarray(palette_lib.dequantize(tokens, self.centers, self.config.image_size))
+  def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
+             cfg: sampling.SamplingConfig | None = None) -> np.ndarray:
+    """Draws `num` images' tokens [num, seq_len]: the cached sampler for next-pixel models,
+    most-confident-first infilling for masked-pixel ones. `prefix` [num, seq_len] with
+    `prefix_len` > 0 gives completions of its first `prefix_len` pixels."""
+    cfg = cfg or sampling.SamplingConfig(temperature=self.config.sample_temperature)
+    seq_len = self.model_cfg.seq_len
+    prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
+    with sharding.use(self.mesh, self.config):
+      if self.model_cfg.causal:
+        tokens = sampling.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
+                                 prefix_len=prefix_len, cfg=cfg)
+      else:
+        keep = np.broadcast_to(np.arange(seq_len) < prefix_len, prefix.shape)
+        tokens = sampling.infill(self.apply_fn, params, rng, prefix, keep, cfg=cfg)
+    return np.asarray(tokens)
+
+  def to_images(self, tokens) -> np.ndarray:
+    """Tokens [..., seq_len] -> uint8 RGB images [..., S, S, 3] through the palette."""
+    return np.asarray(palette_lib.dequantize(jnp.asarray(tokens), self.centers,
+                                             self.config.image_size))
 
 
 def log(msg: str) -> None:
@@ -233,11 +256,10 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
     checkpointing.save_config(workdir, config)
 
   mgr = checkpointing.manager(workdir, config)
-  state = trainer.state
-  latest = mgr.latest_step()
-  if latest is not None:
-    state = checkpointing.restore(
-        mgr, latest, checkpointing.abstract_like(state, trainer.state_shardings))
+  state, latest = trainer.restore_latest(mgr)
+  if latest is None:
+    state = trainer.state
+  else:
     log(f"Resumed from checkpoint at step {latest}.")
   start = int(state.step)
 
@@ -277,8 +299,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
 
   result = dict(last, step=int(step))
   if c.num_samples > 0:
-    samples = trainer.sample(state.params, c.num_samples,
-                             jax.random.PRNGKey(c.seed + 2))
+    samples = trainer.to_images(trainer.sample(state.params, c.num_samples,
+                                               jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
       images_lib.save_png(path, images_lib.grid(samples))

@@ -1,0 +1,105 @@
+r"""Draws samples or image completions from a trained iGPT checkpoint.
+
+  python -m igpt_jax.sample --config=configs/quickstart.py --workdir=/tmp/igpt_quickstart \
+      --mode=unconditional --num=16
+  python -m igpt_jax.sample --config=configs/quickstart.py --workdir=/tmp/igpt_quickstart \
+      --mode=complete --num=8 --completions=4
+
+`unconditional` writes DIR/samples/unconditional_step<N>.png (a grid) and .npy (int32 tokens
+[num, seq_len]). `complete` takes the first `num` images of `--split`, keeps their top half and
+draws `--completions` bottom halves for each: DIR/samples/completions_step<N>.png has one row
+per image (original, half-masked, completions) and the .npy holds int32 tokens
+[num, 1 + completions, seq_len] (the original first). Next-pixel models use the key/value-cached
+sampler; masked-pixel models fill masked pixels most confident first (`--per_step` a pass).
+"""
+
+import os
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's workdir (checkpoints and palette.npy).")
+flags.DEFINE_enum("mode", "unconditional", ["unconditional", "complete"], "What to draw.")
+flags.DEFINE_integer("num", 16, "Images to sample, or test images to complete.")
+flags.DEFINE_integer("completions", 4, "Completions per image in --mode=complete.")
+flags.DEFINE_string("split", "test", "Split whose images are completed (train/validation/test).")
+flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
+flags.DEFINE_integer("top_k", 0, "Sample from the k most likely colors (0: all).")
+flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of colors with this mass.")
+flags.DEFINE_bool("greedy", False, "Take the most likely color instead of sampling.")
+flags.DEFINE_integer("per_step", 16, "Masked-pixel models: pixels committed per pass.")
+flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same images.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def half_masked(images: np.ndarray) -> np.ndarray:
+  out = images.copy()
+  out[:, images.shape[1] // 2:] = 128
+  return out
+
+
+def run(config, workdir: str) -> list[str]:
+  """Writes the requested samples into workdir/samples; returns the paths written."""
+  from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from igpt_jax import images as images_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+
+  palette_path = config.palette_path or os.path.join(workdir, "palette.npy")
+  if not os.path.exists(palette_path):
+    raise FileNotFoundError(f"no palette at {palette_path}: {workdir} holds no trained run. "
+                            "Train first (python -m igpt_jax.main) or fix --workdir.")
+  checkpointing.check_compatible(workdir, config)
+  trainer = train.Trainer(config, workdir)
+  mgr = checkpointing.manager(workdir, config)
+  state, step = trainer.restore_latest(mgr)
+  mgr.close()
+  if state is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first.")
+  cfg = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                top_p=FLAGS.top_p, greedy=FLAGS.greedy)
+  rng = jax.random.PRNGKey(FLAGS.seed)
+  out_dir = os.path.join(workdir, "samples")
+  os.makedirs(out_dir, exist_ok=True)
+  if FLAGS.mode == "unconditional":
+    tokens = trainer.sample(state.params, FLAGS.num, rng, cfg=cfg)
+    grid = images_lib.grid(trainer.to_images(tokens))
+    stem = os.path.join(out_dir, f"unconditional_step{step}")
+  else:
+    batch = next(input_pipeline.eval_iterator(
+        config, trainer.source, trainer.centers, FLAGS.split, local_batch=FLAGS.num,
+        num_batches=1))
+    originals = batch["tokens"][batch["mask"]]
+    prefix_len = (config.image_size // 2) * config.image_size  # the top half, in raster order
+    completions = [trainer.sample(state.params, len(originals), jax.random.fold_in(rng, j),
+                                  prefix=originals, prefix_len=prefix_len, cfg=cfg)
+                   for j in range(FLAGS.completions)]
+    tokens = np.stack([originals] + completions, axis=1)  # [num, 1 + completions, seq_len]
+    images = trainer.to_images(tokens)  # [num, 1 + completions, S, S, 3]
+    rows = np.concatenate([images[:, :1], half_masked(images[:, 0])[:, None], images[:, 1:]],
+                          axis=1)
+    grid = images_lib.grid(rows.reshape(-1, *rows.shape[2:]), cols=rows.shape[1])
+    stem = os.path.join(out_dir, f"completions_step{step}")
+  images_lib.save_png(stem + ".png", grid)
+  np.save(stem + ".npy", np.asarray(tokens, np.int32))
+  return [stem + ".png", stem + ".npy"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  for path in run(FLAGS.config, FLAGS.workdir):
+    print(f"Wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,197 @@
+"""Sampling: the cached decoder against the naive sampler, distributions, infilling, the CLI."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from conftest import REPO
+from igpt_jax import model as model_lib
+from igpt_jax import sampling
+
+
+def make_model(seed=0, head_scale=1.0, **kw):
+  base = dict(vocab_size=16, seq_len=36, num_layers=2, width=32, num_heads=4)
+  base.update(kw)
+  cfg = model_lib.ModelConfig(**base)
+  m = model_lib.IGPT(cfg)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(seed),
+                                jnp.zeros((1, cfg.seq_len), jnp.int32))["params"])
+  params["wtet"] = head_scale * jax.random.normal(jax.random.PRNGKey(seed + 1),
+                                                  params["wtet"].shape)
+  apply_fn = lambda p, t, keep=None: m.apply({"params": p}, t, keep)
+  return cfg, params, apply_fn
+
+
+def test_cached_decoding_reproduces_full_forward_logits():
+  cfg, params, apply_fn = make_model()
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (3, cfg.seq_len), 0, cfg.vocab_size)
+  full = np.asarray(apply_fn(params, tokens))
+  decoder = model_lib.IGPT(dataclasses.replace(cfg, decode=True))
+  step = jax.jit(lambda c, t: decoder.apply({"params": params, "cache": c}, t,
+                                            mutable=["cache"]))
+  cache = model_lib.init_cache(cfg, 3)
+  prev = jnp.zeros((3, 1), jnp.int32)
+  for i in range(cfg.seq_len):
+    logits, mutated = step(cache, prev)
+    cache = mutated["cache"]
+    np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, i], atol=1e-4, rtol=1e-4)
+    prev = tokens[:, i:i + 1]
+
+
+@pytest.mark.parametrize("prefix_len", [0, 18])
+def test_greedy_cached_equals_naive_exactly(prefix_len):
+  cfg, params, apply_fn = make_model(head_scale=3.0)
+  prefix = jax.random.randint(jax.random.PRNGKey(3), (4, cfg.seq_len), 0, cfg.vocab_size)
+  greedy = sampling.SamplingConfig(greedy=True)
+  naive = np.asarray(sampling.sample_naive(apply_fn, params, jax.random.PRNGKey(0), prefix,
+                                           prefix_len=prefix_len, cfg=greedy))
+  cached = np.asarray(sampling.sample(cfg, params, jax.random.PRNGKey(0), prefix,
+                                      prefix_len=prefix_len, cfg=greedy))
+  # The comparison means something only if no two top logits nearly tie along the way.
+  top2 = jax.lax.top_k(apply_fn(params, jnp.asarray(naive)), 2)[0]
+  assert float(jnp.min(top2[..., 0] - top2[..., 1])) > 1e-5
+  np.testing.assert_array_equal(cached, naive)
+  np.testing.assert_array_equal(cached[:, :prefix_len], np.asarray(prefix)[:, :prefix_len])
+
+
+def test_sampling_is_reproducible_from_the_seed():
+  cfg, params, _ = make_model()
+  zeros = jnp.zeros((4, cfg.seq_len), jnp.int32)
+  a = sampling.sample(cfg, params, jax.random.PRNGKey(7), zeros)
+  b = sampling.sample(cfg, params, jax.random.PRNGKey(7), zeros)
+  c = sampling.sample(cfg, params, jax.random.PRNGKey(8), zeros)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def last_pixel_frequencies(cfg, params, prefix, sampling_cfg, n=6000):
+  """Draws only the last pixel of `n` copies of `prefix`; returns color frequencies."""
+  batch = jnp.broadcast_to(prefix, (n, cfg.seq_len))
+  out = sampling.sample(cfg, params, jax.random.PRNGKey(11), batch,
+                        prefix_len=cfg.seq_len - 1, cfg=sampling_cfg)
+  return np.bincount(np.asarray(out[:, -1]), minlength=cfg.vocab_size) / n
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_frequencies_match_the_softmax(temperature):
+  cfg, params, apply_fn = make_model(vocab_size=8, seq_len=16, head_scale=0.2)
+  prefix = jax.random.randint(jax.random.PRNGKey(5), (1, cfg.seq_len), 0, cfg.vocab_size)
+  probs = np.asarray(jax.nn.softmax(apply_fn(params, prefix)[0, -1] / temperature))
+  assert probs.max() < 0.6  # a distribution worth testing, not one color
+  freq = last_pixel_frequencies(cfg, params, prefix,
+                                sampling.SamplingConfig(temperature=temperature))
+  # 6,000 draws: the standard error of a frequency is at most 0.0065; allow 4 of them.
+  np.testing.assert_allclose(freq, probs, atol=0.026)
+
+
+def test_top_k_and_top_p_restrict_and_renormalise():
+  cfg, params, apply_fn = make_model(vocab_size=8, seq_len=16, head_scale=0.2)
+  prefix = jax.random.randint(jax.random.PRNGKey(5), (1, cfg.seq_len), 0, cfg.vocab_size)
+  probs = np.asarray(jax.nn.softmax(apply_fn(params, prefix)[0, -1]))
+  order = np.argsort(-probs)
+
+  top3 = np.zeros_like(probs)
+  top3[order[:3]] = probs[order[:3]] / probs[order[:3]].sum()
+  freq = last_pixel_frequencies(cfg, params, prefix, sampling.SamplingConfig(top_k=3))
+  np.testing.assert_allclose(freq, top3, atol=0.026)
+  assert freq[order[3:]].sum() == 0
+
+  mass = np.cumsum(probs[order])
+  nucleus = order[:int(np.searchsorted(mass, 0.7)) + 1]  # smallest set with mass >= 0.7
+  expected = np.zeros_like(probs)
+  expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+  freq = last_pixel_frequencies(cfg, params, prefix, sampling.SamplingConfig(top_p=0.7))
+  np.testing.assert_allclose(freq, expected, atol=0.026)
+
+
+def test_infill_keeps_visible_pixels_and_fills_most_confident_first():
+  vocab, length = 8, 12
+
+  def apply_fn(params, tokens, keep):
+    # Confidence grows with position; the predicted color is the number of visible pixels,
+    # so each pixel's color records the pass that filled it.
+    del params, tokens
+    pos = jnp.arange(length)
+    color = jnp.sum(keep, axis=-1, keepdims=True) % vocab  # [batch, 1]
+    return jax.nn.one_hot(color, vocab) * (1.0 + pos[:, None])  # [batch, length, vocab]
+
+  tokens = jnp.full((2, length), 7, jnp.int32)
+  keep = np.zeros((2, length), bool)
+  keep[:, :4] = True
+  out = np.asarray(sampling.infill(apply_fn, None, jax.random.PRNGKey(0), tokens, keep,
+                                   per_step=3, cfg=sampling.SamplingConfig(greedy=True)))
+  np.testing.assert_array_equal(out[:, :4], 7)  # visible pixels untouched
+  # Pass 1 fills 9-11 (4 visible), pass 2 fills 6-8 (7 visible), pass 3 fills 4-5 (10 visible).
+  np.testing.assert_array_equal(out[:, 4:], [[2, 2, 7, 7, 7, 4, 4, 4]] * 2)
+
+
+def test_infill_with_a_masked_pixel_model():
+  cfg, params, apply_fn = make_model(causal=False)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, cfg.seq_len), 0, cfg.vocab_size)
+  keep = np.zeros((3, cfg.seq_len), bool)
+  keep[:, :10] = True
+  run = lambda seed: np.asarray(sampling.infill(apply_fn, params, jax.random.PRNGKey(seed),
+                                                tokens, keep, per_step=5))
+  a, b, c = run(0), run(0), run(1)
+  np.testing.assert_array_equal(a[:, :10], np.asarray(tokens)[:, :10])
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert a.min() >= 0 and a.max() < cfg.vocab_size
+  # Greedy one-pixel-a-pass infilling of a single pixel is the model's argmax there.
+  one = keep.copy()
+  one[:, 10:] = True
+  one[:, 20] = False
+  out = np.asarray(sampling.infill(apply_fn, params, jax.random.PRNGKey(0), tokens, one,
+                                   per_step=1, cfg=sampling.SamplingConfig(greedy=True)))
+  expected = np.asarray(jnp.argmax(apply_fn(params, tokens, jnp.asarray(one))[:, 20], -1))
+  np.testing.assert_array_equal(out[:, 20], expected)
+
+
+def train_quickstart(workdir, objective="next_pixel"):
+  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
+         f"--workdir={workdir}", "--config.total_steps=20", "--config.warmup_steps=5",
+         "--config.log_every_steps=20", "--config.eval_every_steps=20",
+         "--config.checkpoint_every_steps=20", "--config.num_samples=0",
+         f"--config.objective={objective}"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return cmd[2:]
+
+
+@pytest.mark.parametrize("objective", ["next_pixel", "masked_pixel"])
+def test_sample_cli_writes_grids_and_tokens(tmp_path, objective):
+  workdir = str(tmp_path / objective)
+  train_quickstart(workdir, objective)
+  base = [sys.executable, "-m", "igpt_jax.sample", "--config=configs/quickstart.py",
+          f"--workdir={workdir}", f"--config.objective={objective}"]
+  out = subprocess.run(base + ["--mode=unconditional", "--num=6", "--per_step=8"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  tokens = np.load(os.path.join(workdir, "samples", "unconditional_step20.npy"))
+  assert tokens.shape == (6, 64) and tokens.dtype == np.int32 and tokens.max() < 16
+  assert os.path.exists(os.path.join(workdir, "samples", "unconditional_step20.png"))
+
+  out = subprocess.run(base + ["--mode=complete", "--num=3", "--completions=2", "--top_k=4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  tokens = np.load(os.path.join(workdir, "samples", "completions_step20.npy"))
+  assert tokens.shape == (3, 3, 64)
+  # Completions keep the original top half (4 rows of 8 pixels).
+  np.testing.assert_array_equal(tokens[:, 1:, :32], np.repeat(tokens[:, :1, :32], 2, axis=1))
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = Image.open(os.path.join(workdir, "samples", "completions_step20.png"))
+  assert grid.size[0] > grid.size[1]  # 3 rows of (original, masked, 2 completions)
+
+
+def test_sample_cli_without_a_run_fails_clearly(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "igpt_jax.sample", "--config=configs/quickstart.py",
+                        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode != 0 and "holds no trained run" in out.stderr

@@ -17,12 +17,15 @@ def get_config():
   c.palette_fit_pixels = 50_000
   config_lib.igpt_size(c, num_layers=4, width=128, num_heads=4)
   c.batch_size = 64
-  c.total_steps = 1_500
+  # 500 steps is ~24 epochs of the 1,350 training digits: validation bits/dim is still falling
+  # slowly (0.632 -> 0.630 over the last 100 steps); at 1,500 steps the model overfits and it
+  # rises to ~0.96.
+  c.total_steps = 500
   c.learning_rate = 3e-3
-  c.warmup_steps = 100
+  c.warmup_steps = 50
   c.log_every_steps = 100
-  c.eval_every_steps = 500
+  c.eval_every_steps = 100
   c.eval_batches = -1
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 250
   c.num_samples = 16
   return c

@@ -8,7 +8,12 @@ latest checkpoint in DIR/checkpoints. Library INFO logs (orbax, absl) are hidden
 --verbosity=0 is given.
 """
 
-from absl import app
+import os
+
+# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

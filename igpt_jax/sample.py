@@ -15,12 +15,15 @@ sampler; masked-pixel models fill masked pixels most confident first (`--per_ste
 
 import os
 
-import jax
-import numpy as np
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import app  # pylint: disable=wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
+from absl import logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)

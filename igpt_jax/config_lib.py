@@ -100,7 +100,56 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.num_samples = 8  # images sampled at the end of training into workdir/samples.
   c.sample_temperature = 1.0
+
+  c.eval = eval_config()
   return c
+
+
+EVAL_TASKS = ("linear_probe", "bits_per_dim", "low_data", "finetune")
+
+# Splits of the datasets the paper evaluates on (tfds names); `eval.dataset` picks one.
+EVAL_SPLITS = {
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("train", "test"),
+    "imagenet2012": ("train", "validation"),
+}
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """Settings of `python -m igpt_jax.evaluate` (config.eval)."""
+  e = ml_collections.ConfigDict()
+  e.tasks = "linear_probe,bits_per_dim"  # any of EVAL_TASKS, comma separated.
+  # The dataset to evaluate on ("" = config.dataset): a tfds name or a local image folder. It
+  # is read at the model's image_size with the checkpoint's palette.
+  e.dataset = ""
+  e.train_split = ""  # "" = the dataset's usual split (EVAL_SPLITS), else config.train_split.
+  e.test_split = ""
+  e.holdout_fraction = 0.1  # tail of the train split the probe's L2 is chosen on.
+  e.max_train_examples = -1  # -1 = all; else the first N of the (held-out-reduced) train split.
+  e.step = -1  # checkpoint step to evaluate; -1 = the latest.
+  e.batch_size = 0  # feature-extraction batch; 0 = config.batch_size.
+  # Linear probe.
+  e.layers = "auto"  # 'auto', 'all' or e.g. '12,16,20' (0 = embeddings, L = final output).
+  e.probe_solver = "lbfgs"  # 'lbfgs' (full batch; CIFAR/STL) or 'sgd' (ImageNet).
+  e.probe_l2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths swept, chosen on validation.
+  e.probe_max_iters = 1_000
+  e.probe_sgd_epochs = 30
+  e.raw_pixel_baseline = True
+  # Low-data probes: N labelled training examples per class, several seeds, at one layer.
+  e.low_data_per_class = (4, 10, 25, 100)
+  e.low_data_seeds = 3
+  e.low_data_layer = -1  # -1 = the best layer of linear_probe.json (else the middle layer).
+  # Fine-tuning: generative + classification loss, zero-initialised head on the pooled final
+  # features, early stopping on validation accuracy.
+  e.finetune_steps = 1_000
+  e.finetune_batch_size = 0  # 0 = config.batch_size.
+  e.finetune_learning_rate = 3e-4  # paper: ~10x below pre-training.
+  e.finetune_warmup_steps = 100
+  e.finetune_clf_weight = 1.0  # total loss = generative + clf_weight * classification.
+  e.finetune_eval_every_steps = 200
+  e.finetune_eval_batches = -1
+  return e
 
 
 def imagenet_config() -> ml_collections.ConfigDict:
@@ -210,6 +259,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if not c.sample_temperature > 0:
     _fail("sample_temperature", c.sample_temperature, "must be > 0.")
 
+  _validate_eval(c)
+
   mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))
   batch_shards = mesh["data"] * mesh["fsdp"]
   if c.batch_size % batch_shards:
@@ -227,3 +278,56 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ("vocab", "length", "embed", "heads", "kv", "mlp", "layers", "act_batch"):
     if name not in rule_names:
       _fail("logical_axis_rules", "...", f"has no rule for the logical axis {name!r}.")
+
+
+def eval_tasks(c) -> list[str]:
+  return [t.strip() for t in str(c.eval.tasks).split(",") if t.strip()]
+
+
+def _validate_eval(c) -> None:
+  e = c.eval
+  tasks = eval_tasks(c)
+  if not tasks or any(t not in EVAL_TASKS for t in tasks):
+    _fail("eval.tasks", e.tasks, f"must be a comma-separated list of {EVAL_TASKS}.")
+  if not 0.0 < e.holdout_fraction < 1.0:
+    _fail("eval.holdout_fraction", e.holdout_fraction,
+          "must be in (0, 1): the probe chooses its L2 strength on that held-out part.")
+  if e.probe_solver not in ("lbfgs", "sgd"):
+    _fail("eval.probe_solver", e.probe_solver, "must be 'lbfgs' or 'sgd'.")
+  l2 = tuple(e.probe_l2) if isinstance(e.probe_l2, (tuple, list)) else ()
+  if not l2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in l2):
+    _fail("eval.probe_l2", e.probe_l2, "must be a non-empty tuple of L2 strengths >= 0.")
+  for field in ("probe_max_iters", "probe_sgd_epochs", "low_data_seeds", "finetune_steps",
+                "finetune_eval_every_steps"):
+    _positive_int(c, f"eval.{field}")
+  per_class = e.low_data_per_class
+  if not isinstance(per_class, (tuple, list)) or not per_class or any(
+      isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in per_class):
+    _fail("eval.low_data_per_class", per_class, "must be a tuple of positive integers.")
+  for field in ("batch_size", "finetune_batch_size"):
+    v = e[field]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+      _fail(f"eval.{field}", v, f"must be >= 0 (0 = config.batch_size).")
+  if not (isinstance(e.finetune_learning_rate, (int, float)) and e.finetune_learning_rate > 0):
+    _fail("eval.finetune_learning_rate", e.finetune_learning_rate, "must be a positive number.")
+  if e.finetune_clf_weight < 0:
+    _fail("eval.finetune_clf_weight", e.finetune_clf_weight, "must be >= 0.")
+  if e.max_train_examples == 0 or e.max_train_examples < -1:
+    _fail("eval.max_train_examples", e.max_train_examples, "must be positive or -1 (all).")
+
+
+def eval_data_config(c) -> ml_collections.ConfigDict:
+  """A copy of `c` that reads the evaluation dataset (config.eval) instead of the training one."""
+  e = c.eval
+  out = ml_collections.ConfigDict(c.to_dict())
+  if e.dataset:
+    out.dataset = e.dataset
+    train, test = EVAL_SPLITS.get(e.dataset, (c.train_split, c.test_split))
+    out.train_split, out.test_split = train, test
+  if e.train_split:
+    out.train_split = e.train_split
+  if e.test_split:
+    out.test_split = e.test_split
+  out.holdout_fraction = e.holdout_fraction
+  out.cache_data = False
+  return out

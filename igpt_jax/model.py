@@ -176,16 +176,27 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block; the scan body (carry in, carry out)."""
+  """Pre-norm transformer block; the scan body (carry in, carry out).
+
+  With `pool`, the scan output is the block's normalised input averaged over positions
+  [batch, embed] in float32: the probe feature of the layer below (see `IGPT`).
+  """
 
   cfg: ModelConfig
+  pool: bool = False
 
   @nn.compact
   def __call__(self, x, _):
-    x = x + Attention(self.cfg, name="attn")(Norm(name="ln_1")(x))
+    normed = Norm(name="ln_1")(x)
+    x = x + Attention(self.cfg, name="attn")(normed)
     x = x + Mlp(self.cfg, name="mlp")(Norm(name="ln_2")(x))
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    return x, None
+    return x, (pool_positions(normed) if self.pool else None)
+
+
+def pool_positions(h):
+  """Average over positions: [batch, length, embed] -> float32 [batch, embed]."""
+  return jnp.mean(h.astype(jnp.float32), axis=1)
 
 
 def _remat_block(policy: str):
@@ -207,6 +218,12 @@ class IGPT(nn.Module):
   Masked-pixel: `keep_mask` [batch, length] bool; embeddings of masked tokens are zeroed
   (position embeddings are still added), attention is bidirectional.
 
+  `output`: "logits" (the default), "features" or "both" ((logits, features)). Features are
+  float32 [batch, num_layers + 1, embed]: row l is `mean over positions of norm(h_l)`, the
+  normalised input to the next block (the paper's probe features). Row 0 is the embedding
+  through block 1's `ln_1`, row l the stream after block l through block l+1's `ln_1`, the last
+  row the final stream through `ln_f`.
+
   Decoding (`cfg.decode`, next-pixel only): `tokens` [batch, 1] is the pixel at the previous
   position (ignored at position 0, where `sos` is the input) and the call returns the logits
   [batch, 1, vocab] of the next position, reading and extending the key/value cache in the
@@ -217,8 +234,10 @@ class IGPT(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, keep_mask: Optional[jax.Array] = None):
+  def __call__(self, tokens, keep_mask: Optional[jax.Array] = None, output: str = "logits"):
     cfg = self.cfg
+    if output not in ("logits", "features", "both"):
+      raise ValueError(f"output={output!r}; use 'logits', 'features' or 'both'.")
     batch, length = tokens.shape
     wte = self.param("wte", _init(0.02, ("vocab", "embed")), (cfg.vocab_size, cfg.width))
     wpe = self.param("wpe", _init(0.01, ("length", "embed")), (cfg.seq_len, cfg.width))
@@ -232,8 +251,14 @@ class IGPT(nn.Module):
       h = h * keep_mask[..., None].astype(h.dtype)
     h = (h + wpe[None, :length]).astype(cfg.compute_dtype)
     h = constrain(h, ("act_batch", "act_length", "act_embed"))
-
-    return self._head(self._blocks(h))
+    if output == "logits":
+      return self._head(self._blocks(h))
+    h, pooled = self._blocks(h, pool=True)  # pooled: [layers, batch, embed]
+    h = Norm(name="ln_f")(h)
+    feats = jnp.concatenate([jnp.swapaxes(pooled, 0, 1), pool_positions(h)[:, None]], axis=1)
+    if output == "features":
+      return feats
+    return self._logits(h), feats
 
   def _decode(self, prev_tokens, wte, wpe):
     cfg = self.cfg
@@ -249,7 +274,7 @@ class IGPT(nn.Module):
     h = (h + jax.lax.dynamic_slice_in_dim(wpe, i, 1)[None]).astype(cfg.compute_dtype)
     return self._head(self._blocks(constrain(h, ("act_batch", None, "act_embed"))))
 
-  def _blocks(self, h):
+  def _blocks(self, h, pool: bool = False):
     cfg = self.cfg
     blocks = nn.scan(
         _remat_block(cfg.remat_policy),
@@ -258,12 +283,14 @@ class IGPT(nn.Module):
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    h, _ = blocks(cfg, name="blocks")(h, None)
-    return h
+    h, pooled = blocks(cfg, pool, name="blocks")(h, None)
+    return (h, pooled) if pool else h
 
   def _head(self, h):
+    return self._logits(Norm(name="ln_f")(h))
+
+  def _logits(self, h):
     cfg = self.cfg
-    h = Norm(name="ln_f")(h)
     wtet = self.param("wtet", nn.with_logical_partitioning(nn.initializers.zeros,
                                                            ("vocab", "embed")),
                       (cfg.vocab_size, cfg.width))

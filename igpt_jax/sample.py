@@ -100,8 +100,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  for path in run(FLAGS.config, FLAGS.workdir):
-    print(f"Wrote {path}", flush=True)
+  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def run_and_report(config, workdir):
+    for path in run(config, workdir):
+      print(f"Wrote {path}", flush=True)
+
+  cli.run_reporting_user_errors(run_and_report, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

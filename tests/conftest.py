@@ -81,3 +81,31 @@ def cifar_config(cifar10_dir, tfds_dir):
   def make(**overrides):
     return tiny_config(dataset=cifar10_dir, data_dir=tfds_dir, **overrides)
   return make
+
+
+def quickstart_config(workdir=None, **overrides):
+  """configs/quickstart.py shortened to 120 steps (checkpoints at 60 and 120), with overrides."""
+  del workdir  # for call-site readability only
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 120, 120, 60
+  c.warmup_steps, c.log_every_steps, c.num_samples = 20, 60, 0
+  for key, value in overrides.items():
+    target = c
+    *parents, leaf = key.split(".")
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def trained_quickstart(tmp_path_factory) -> str:
+  """A workdir with the quickstart model trained for 120 steps (about a minute on 2 cores)."""
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("quickstart"))
+  train.train_and_evaluate(quickstart_config(), workdir)
+  return workdir

@@ -30,6 +30,17 @@ BAD = [
       "model.num_heads": 2}, 4, "model.width=66.*mesh.fsdp=4"),
     ({"dataset": ""}, 1, "dataset=''"),
     ({"sample_temperature": 0.0}, 1, "sample_temperature=0.0"),
+    ({"eval.tasks": "linear_probe,knn"}, 1, "eval.tasks='linear_probe,knn'"),
+    ({"eval.tasks": ""}, 1, "eval.tasks=''"),
+    ({"eval.holdout_fraction": 0.0}, 1, "eval.holdout_fraction=0.0"),
+    ({"eval.probe_solver": "adam"}, 1, "eval.probe_solver='adam'"),
+    ({"eval.probe_l2": ()}, 1, "eval.probe_l2=.*non-empty"),
+    ({"eval.probe_l2": (0.1, -1.0)}, 1, "eval.probe_l2=.*>= 0"),
+    ({"eval.low_data_per_class": (4, 0)}, 1, "eval.low_data_per_class"),
+    ({"eval.finetune_steps": 0}, 1, "eval.finetune_steps=0"),
+    ({"eval.finetune_learning_rate": 0.0}, 1, "eval.finetune_learning_rate=0.0"),
+    ({"eval.batch_size": -2}, 1, "eval.batch_size=-2"),
+    ({"eval.max_train_examples": 0}, 1, "eval.max_train_examples=0"),
 ]
 
 

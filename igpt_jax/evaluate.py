@@ -1,0 +1,48 @@
+r"""Evaluates a trained iGPT checkpoint: linear probes, low-data probes, fine-tuning, bits/dim.
+
+  python -m igpt_jax.evaluate --config=configs/s.py --workdir=DIR \
+      [--config.eval.dataset=cifar10] [--config.eval.tasks=linear_probe,bits_per_dim] \
+      [--config.eval.layers=auto] [--config.eval.*=...]
+
+The model shape comes from --config and must match the run in DIR (its config.json); the
+palette is DIR/palette.npy; the checkpoint is the latest (or --config.eval.step). The backbone
+is never updated except by the `finetune` task, whose result is not saved as a checkpoint.
+Results go to DIR/eval/:
+
+  linear_probe.json   per-layer val/test accuracy and chosen L2, the best layer (by validation
+                      accuracy) and its test accuracy, and the raw-pixel baseline on the same
+                      splits; linear_probe.png plots accuracy against layer depth.
+  low_data.json       probes on N labelled examples per class, mean/std over seeds.
+  finetune.json       fine-tuned test accuracy at the best validation step.
+  bits_per_dim.json   the generative objective's bits/dim on the test split.
+  features/           cached frozen features, so a sweep does not recompute them.
+"""
+
+import os
+
+# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=wrong-import-position
+from absl import logging  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "The trained run's workdir (checkpoints, palette.npy).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from igpt_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_reporting_user_errors(evaluation.evaluate, FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,222 @@
+"""The evaluation tasks behind `python -m igpt_jax.evaluate` (also called from notebooks).
+
+`evaluate(config, workdir)` runs the tasks in `config.eval.tasks` on the checkpoint in `workdir`
+and writes their JSON (and plots) to `workdir/eval/`; see `igpt_jax/evaluate.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from igpt_jax import checkpointing
+from igpt_jax import config_lib
+from igpt_jax import features as features_lib
+from igpt_jax import finetune as finetune_lib
+from igpt_jax import probe
+from igpt_jax import train
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def write_json(path: str, obj) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def plot_probe(path: str, result: dict) -> None:
+  """Accuracy against layer depth, with the raw-pixel baseline as a dashed line."""
+  # A bare Figure (no pyplot): leaves the caller's backend alone, e.g. a notebook's inline one.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  layers = sorted(int(k) for k in result["layers"])
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for key, label in (("val_acc", "validation"), ("test_acc", "test")):
+    ax.plot(layers, [100 * result["layers"][str(l)][key] for l in layers], "o-", label=label)
+  if result.get("raw_pixel_test_acc") is not None:
+    ax.axhline(100 * result["raw_pixel_test_acc"], ls="--", c="gray",
+               label="raw pixels (test)")
+  ax.set_xlabel("layer (0 = embeddings)")
+  ax.set_ylabel("linear probe accuracy (%)")
+  ax.set_title(f"{os.path.basename(os.path.normpath(result['dataset']))}, "
+               f"step {result['checkpoint_step']}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _limit_train(source, n: int) -> None:
+  """Keeps the first n examples of the (held-out-reduced) train split."""
+  if n < 0 or n >= source.split_sizes["train"]:
+    return
+  spec = source.split_specs["train"]
+  base = spec.partition("[")[0]
+  source.split_specs["train"] = f"{base}[:{n}]"
+  source.split_sizes["train"] = n
+
+
+class Evaluator:
+  """A restored checkpoint on the evaluation dataset, and the tasks run on it."""
+
+  def __init__(self, config, workdir: str):
+    self.workdir = workdir
+    self.out_dir = os.path.join(workdir, "eval")
+    if not os.path.exists(config.palette_path or os.path.join(workdir, "palette.npy")):
+      raise FileNotFoundError(
+          f"{workdir} has no palette.npy: it holds no trained run. Train first "
+          "(python -m igpt_jax.main) or fix --workdir.")
+    checkpointing.check_compatible(workdir, config)
+    data_config = config_lib.eval_data_config(config)
+    self.config = data_config
+    self.trainer = train.Trainer(data_config, workdir)
+    _limit_train(self.trainer.source, config.eval.max_train_examples)
+    mgr = checkpointing.manager(workdir, data_config)
+    step = config.eval.step if config.eval.step >= 0 else mgr.latest_step()
+    if step is None or step not in mgr.all_steps():
+      mgr.close()
+      raise FileNotFoundError(
+          f"no checkpoint{'' if config.eval.step < 0 else f' at step {config.eval.step}'} in "
+          f"{workdir}/checkpoints (have {sorted(mgr.all_steps())}); train first or fix "
+          "--config.eval.step.")
+    abstract = checkpointing.abstract_like(self.trainer.state, self.trainer.state_shardings)
+    self.params = checkpointing.restore(mgr, step, abstract).params
+    mgr.close()
+    self.step = int(step)
+    self.trainer.state = None  # the fresh initial state is not needed any more
+    self.num_classes = self.trainer.source.num_classes
+    e = data_config.eval
+    self.layers = features_lib.parse_layers(e.layers, data_config.model.num_layers)
+    self._extractor = None
+    self._features = {}
+    log(f"Evaluating step {self.step} of {workdir} on {data_config.dataset} "
+        f"({self.num_classes} classes; train {self.trainer.source.split_sizes['train']}, "
+        f"validation {self.trainer.source.split_sizes['validation']}, test "
+        f"{self.trainer.source.split_sizes['test']} images at {data_config.image_size}x"
+        f"{data_config.image_size}); layers {self.layers}.")
+
+  def features(self, split: str):
+    """(features [n, len(layers), width], labels [n]) of `split`, cached on disk."""
+    if split not in self._features:
+      c = self.config
+      if self._extractor is None:
+        self._extractor = features_lib.Extractor(self.trainer, self.layers,
+                                                 c.eval.batch_size or c.batch_size)
+      path = features_lib.cache_path(
+          self.workdir, c.dataset, f"{split}{self.trainer.source.split_sizes[split]}",
+          self.step, self.layers, c.image_size, c.holdout_fraction)
+      self._features[split] = features_lib.cached(
+          path, lambda: self._extractor.split(self.params, split, log=log), log=log)
+    return self._features[split]
+
+  def _fit(self, train_xy, val_xy, test_xy):
+    e = self.config.eval
+    return probe.fit_and_select(train_xy, val_xy, test_xy, num_classes=self.num_classes,
+                                l2_grid=tuple(e.probe_l2), solver=e.probe_solver,
+                                max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs,
+                                seed=self.config.seed)
+
+  def linear_probe(self) -> dict:
+    c = self.config
+    tr, va, te = (self.features(s) for s in ("train", "validation", "test"))
+    result = {"dataset": c.dataset, "checkpoint_step": self.step, "image_size": c.image_size,
+              "solver": c.eval.probe_solver, "num_train": len(tr[1]), "num_val": len(va[1]),
+              "num_test": len(te[1]), "layers": {}}
+    for j, layer in enumerate(self.layers):
+      t0 = time.time()
+      r = self._fit((tr[0][:, j], tr[1]), (va[0][:, j], va[1]), (te[0][:, j], te[1]))
+      result["layers"][str(layer)] = {"val_acc": r.val_acc, "test_acc": r.test_acc,
+                                      "l2": r.l2}
+      log(f"  probe layer {layer}: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g}, "
+          f"{time.time() - t0:.1f}s)")
+    best = max(self.layers, key=lambda l: result["layers"][str(l)]["val_acc"])
+    result["best_layer"] = best
+    result["val_acc"] = result["layers"][str(best)]["val_acc"]
+    result["test_acc"] = result["layers"][str(best)]["test_acc"]
+    if c.eval.raw_pixel_baseline:
+      src = self.trainer.source
+      raw = [features_lib.raw_pixels(c, src, s) for s in ("train", "validation", "test")]
+      r = self._fit(*raw)
+      result.update(raw_pixel_val_acc=r.val_acc, raw_pixel_test_acc=r.test_acc,
+                    raw_pixel_l2=r.l2)
+      log(f"  raw-pixel baseline: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g})")
+    write_json(os.path.join(self.out_dir, "linear_probe.json"), result)
+    if jax.process_index() == 0:
+      plot_probe(os.path.join(self.out_dir, "linear_probe.png"), result)
+    log(f"Linear probe: best layer {best}, test accuracy {result['test_acc']:.4f}"
+        + (f" (raw pixels {result['raw_pixel_test_acc']:.4f})" if "raw_pixel_test_acc" in
+           result else ""))
+    return result
+
+  def low_data(self) -> dict:
+    e = self.config.eval
+    layer = e.low_data_layer
+    if layer < 0:
+      path = os.path.join(self.out_dir, "linear_probe.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          layer = json.load(f)["best_layer"]
+      else:
+        layer = self.config.model.num_layers // 2
+    if layer not in self.layers:
+      raise ValueError(f"config.eval.low_data_layer={layer} is not among the extracted layers "
+                       f"{self.layers}; add it to config.eval.layers.")
+    j = self.layers.index(layer)
+    tr, va, te = (self.features(s) for s in ("train", "validation", "test"))
+    result = {"dataset": self.config.dataset, "checkpoint_step": self.step, "layer": layer,
+              "per_class": {}}
+    for n in e.low_data_per_class:
+      accs = []
+      for seed in range(e.low_data_seeds):
+        idx = probe.per_class_subset(tr[1], n, self.num_classes, seed)
+        r = self._fit((tr[0][idx, j], tr[1][idx]), (va[0][:, j], va[1]),
+                      (te[0][:, j], te[1]))
+        accs.append(r.test_acc)
+      result["per_class"][str(n)] = {"labels": n * self.num_classes,
+                                     "test_acc_mean": float(np.mean(accs)),
+                                     "test_acc_std": float(np.std(accs)), "test_accs": accs}
+      log(f"  low-data probe, {n}/class ({n * self.num_classes} labels): test "
+          f"{np.mean(accs):.4f} +- {np.std(accs):.4f} over {len(accs)} seeds")
+    write_json(os.path.join(self.out_dir, "low_data.json"), result)
+    return result
+
+  def bits_per_dim(self) -> dict:
+    out = self.trainer.evaluate(self.params, "test", -1)
+    result = {"dataset": self.config.dataset, "split": "test", "checkpoint_step": self.step,
+              "objective": self.config.objective, "bits_per_dim": out["bits_per_dim"],
+              "nats_per_token": out["loss"],
+              "num_images": self.trainer.source.split_sizes["test"]}
+    write_json(os.path.join(self.out_dir, "bits_per_dim.json"), result)
+    log(f"Test bits/dim: {out['bits_per_dim']:.4f} ({out['loss']:.4f} nats/token)")
+    return result
+
+  def finetune(self) -> dict:
+    log("Fine-tuning (generative + classification loss) ...")
+    result = finetune_lib.run(self.trainer, self.params, self.num_classes, log=log)
+    result.update(dataset=self.config.dataset, checkpoint_step=self.step)
+    write_json(os.path.join(self.out_dir, "finetune.json"), result)
+    log(f"Fine-tuned: test accuracy {result['test_acc']:.4f} at step {result['best_step']} "
+        f"(validation {result['val_acc']:.4f})")
+    return result
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Runs config.eval.tasks on the checkpoint in `workdir`; returns {task: result}."""
+  config_lib.validate(config, jax.device_count())
+  ev = Evaluator(config, workdir)
+  results = {}
+  for task in config_lib.eval_tasks(config):
+    results[task] = getattr(ev, task)()
+  return results

@@ -1,0 +1,207 @@
+"""The evaluation binary: probe correctness, features, end-to-end probe/low-data/finetune/bits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from sklearn.linear_model import LogisticRegression
+
+from conftest import REPO
+from conftest import quickstart_config as quickstart
+from igpt_jax import config_lib
+from igpt_jax import evaluation
+from igpt_jax import features as features_lib
+from igpt_jax import input_pipeline
+from igpt_jax import model as model_lib
+from igpt_jax import probe
+from igpt_jax import train
+
+
+# --- the probe itself ------------------------------------------------------------------------
+
+def test_probe_separates_linearly_separable_features():
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(5, 32)) * 4
+  def draw(n):
+    y = rng.integers(0, 5, n)
+    return centers[y] + rng.normal(size=(n, 32)), y
+  r = probe.fit_and_select(draw(500), draw(200), draw(500), num_classes=5,
+                           l2_grid=(1e-4, 1e-2))
+  assert r.val_acc == 1.0 and r.test_acc == 1.0
+
+
+def test_probe_on_raw_cifar10_pixels_matches_sklearn(cifar10_dir, tfds_dir):
+  """Same data, same objective (C = 1 / (l2 n)): accuracy within 1 point of scikit-learn."""
+  config = config_lib.base_config()
+  config.dataset, config.data_dir, config.image_size = cifar10_dir, tfds_dir, 8
+  source = input_pipeline.open_source(config)
+  x, y = features_lib.raw_pixels(config, source, "test")  # 10,000 real images, 192 features
+  assert x.shape == (10_000, 192) and 0.0 <= x.min() and x.max() <= 1.0
+  tr, va, te = (x[:6000], y[:6000]), (x[6000:7000], y[6000:7000]), (x[7000:], y[7000:])
+  r = probe.fit_and_select(tr, va, te, num_classes=10, l2_grid=(1e-3, 1e-2))
+  scaler = probe.Standardizer.fit(tr[0])
+  sk = LogisticRegression(C=1.0 / (r.l2 * len(tr[1])), max_iter=3000, tol=1e-6)
+  sk.fit(scaler(tr[0]), tr[1])
+  sk_acc = sk.score(scaler(te[0]), te[1])
+  assert r.test_acc == pytest.approx(sk_acc, abs=0.01), (r.test_acc, sk_acc)
+  assert 0.25 < r.test_acc < 0.5  # raw-pixel logistic regression on CIFAR-10 is ~30-40%
+
+
+def test_probe_rejects_out_of_range_labels_and_empty_splits():
+  x = np.zeros((4, 3), np.float32)
+  with pytest.raises(ValueError, match="num_classes"):
+    probe.fit_and_select((x, np.array([0, 1, 2, 5])), (x, np.zeros(4, int)),
+                         (x, np.zeros(4, int)), num_classes=3, l2_grid=(0.1,))
+  with pytest.raises(ValueError, match="non-empty"):
+    probe.fit_and_select((x[:0], np.zeros(0, int)), (x, np.zeros(4, int)),
+                         (x, np.zeros(4, int)), num_classes=3, l2_grid=(0.1,))
+
+
+def test_per_class_subset():
+  labels = np.repeat(np.arange(3), 10)
+  idx = probe.per_class_subset(labels, 4, 3, seed=0)
+  assert np.bincount(labels[idx]).tolist() == [4, 4, 4]
+  assert not np.array_equal(idx, probe.per_class_subset(labels, 4, 3, seed=1))
+  with pytest.raises(ValueError, match="fewer than the 11"):
+    probe.per_class_subset(labels, 11, 3, seed=0)
+
+
+# --- features --------------------------------------------------------------------------------
+
+def test_parse_layers():
+  assert features_lib.parse_layers("auto", 4) == [1, 2, 3, 4]
+  assert features_lib.parse_layers("all", 2) == [0, 1, 2]
+  auto = features_lib.parse_layers("auto", 48)
+  assert len(auto) in (8, 9) and 24 in auto and auto[-1] == 48
+  assert features_lib.parse_layers("3, 1,3", 4) == [1, 3]
+  for bad in ("5", "-1", "x", ","):
+    with pytest.raises(ValueError, match="config.eval.layers"):
+      features_lib.parse_layers(bad, 4)
+
+
+def test_features_are_pooled_normalised_inputs_of_the_next_block():
+  """Row l of the features equals what a model truncated after block l produces when its
+  final norm is the next block's ln_1: mean logits = feature @ wtet^T."""
+  cfg = model_lib.ModelConfig(vocab_size=16, seq_len=36, num_layers=3, width=32, num_heads=4)
+  m = model_lib.IGPT(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 36), 0, 16)
+  params = nn.meta.unbox(m.init(jax.random.PRNGKey(1), tokens)["params"])
+  params["wtet"] = jax.random.normal(jax.random.PRNGKey(2), params["wtet"].shape)
+  params = jax.tree_util.tree_map(  # non-trivial gains
+      lambda x: x * (1 + 0.3 * jax.random.normal(jax.random.PRNGKey(3), x.shape))
+      if x.ndim <= 2 and x.shape[-1] == 32 and x.ndim >= 1 else x, params)
+  feats = m.apply({"params": params}, tokens, output="features")
+  assert feats.shape == (2, 4, 32) and feats.dtype == jnp.float32
+  logits, both = m.apply({"params": params}, tokens, output="both")
+  np.testing.assert_array_equal(feats, both)
+  np.testing.assert_allclose(logits, m.apply({"params": params}, tokens), atol=0)
+  for layer in range(1, 4):
+    short = model_lib.IGPT(model_lib.ModelConfig(vocab_size=16, seq_len=36, num_layers=layer,
+                                                 width=32, num_heads=4))
+    p = dict(params)
+    p["blocks"] = jax.tree_util.tree_map(lambda x: x[:layer], params["blocks"])
+    if layer < 3:
+      p["ln_f"] = {"scale": params["blocks"]["ln_1"]["scale"][layer]}
+    mean_logits = short.apply({"params": p}, tokens).mean(axis=1)
+    np.testing.assert_allclose(feats[:, layer] @ params["wtet"].T, mean_logits,
+                               rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="output="):
+    m.apply({"params": params}, tokens, output="hidden")
+
+
+# --- end to end on the quickstart ------------------------------------------------------------
+
+def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
+  workdir = trained_quickstart
+  config = quickstart(workdir, **{"eval.tasks": "linear_probe,low_data,bits_per_dim",
+                                  "eval.low_data_per_class": (5, 20),
+                                  "eval.low_data_seeds": 2})
+  results = evaluation.evaluate(config, workdir)
+  with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
+    lp = json.load(f)
+  assert lp == json.loads(json.dumps(results["linear_probe"]))
+  assert lp["dataset"] == "digits" and lp["checkpoint_step"] == 120
+  assert sorted(lp["layers"], key=int) == ["1", "2", "3", "4"]
+  assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (1350, 150, 297)
+  for row in lp["layers"].values():
+    assert 0.5 < row["test_acc"] <= 1.0 and row["l2"] in config.eval.probe_l2
+  assert lp["best_layer"] == max(lp["layers"], key=lambda k: lp["layers"][k]["val_acc"],
+                                 default=None) or lp["layers"][str(lp["best_layer"])][
+                                     "val_acc"] == max(r["val_acc"]
+                                                       for r in lp["layers"].values())
+  assert lp["test_acc"] == lp["layers"][str(lp["best_layer"])]["test_acc"]
+  assert 0.8 < lp["raw_pixel_test_acc"] < 1.0  # logistic regression on 8x8 digits: ~89%
+  assert os.path.getsize(os.path.join(workdir, "eval", "linear_probe.png")) > 5_000
+
+  with open(os.path.join(workdir, "eval", "low_data.json")) as f:
+    ld = json.load(f)
+  assert ld["layer"] == lp["best_layer"]
+  few, more = ld["per_class"]["5"], ld["per_class"]["20"]
+  assert few["labels"] == 50 and len(few["test_accs"]) == 2
+  assert 0.2 < few["test_acc_mean"] < more["test_acc_mean"] + 0.05
+
+  with open(os.path.join(workdir, "eval", "bits_per_dim.json")) as f:
+    bpd = json.load(f)
+  assert bpd["num_images"] == 297 and 0.4 < bpd["bits_per_dim"] < 1.0  # uniform: 4/3
+  assert bpd["bits_per_dim"] == pytest.approx(bpd["nats_per_token"] / (3 * np.log(2)))
+
+  # A second run reads every split's features from the cache and gives the same numbers.
+  capsys.readouterr()
+  again = evaluation.evaluate(quickstart(workdir, **{"eval.tasks": "linear_probe"}), workdir)
+  assert capsys.readouterr().out.count("features from cache") == 3
+  assert again["linear_probe"]["layers"] == lp["layers"]
+
+
+def test_finetune_learns_the_labels(trained_quickstart):
+  workdir = trained_quickstart
+  config = quickstart(workdir, **{"eval.tasks": "finetune", "eval.finetune_steps": 90,
+                                  "eval.finetune_eval_every_steps": 30,
+                                  "eval.finetune_warmup_steps": 10,
+                                  "eval.finetune_learning_rate": 3e-3})
+  ft = evaluation.evaluate(config, workdir)["finetune"]
+  with open(os.path.join(workdir, "eval", "finetune.json")) as f:
+    assert json.load(f)["test_acc"] == ft["test_acc"]
+  hist = ft["history"]
+  assert [h["step"] for h in hist] == [30, 60, 90]
+  # The zero-initialised head starts at ln(10) = 2.30 nats; 90 steps take it well below.
+  assert hist[-1]["clf_loss"] < 1.6 and hist[-1]["clf_loss"] < hist[0]["clf_loss"] - 0.4
+  assert ft["val_acc"] == max(h["val_acc"] for h in hist) > 0.5  # chance is 0.1
+  assert ft["test_acc"] > 0.4
+  # The generative loss keeps the model a good density model meanwhile (uniform: 2.77 nats).
+  assert all(np.isfinite(h["gen_loss"]) and h["gen_loss"] < 2.0 for h in hist)
+  # The pre-training checkpoints are untouched.
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["120", "60"]
+
+
+def test_missing_run_and_missing_step_fail_with_a_fix(trained_quickstart, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no palette.npy.*Train first"):
+    evaluation.evaluate(quickstart(str(tmp_path)), str(tmp_path))
+  config = quickstart(trained_quickstart, **{"eval.step": 7})
+  with pytest.raises(FileNotFoundError, match=r"step 7.*have \[60, 120\]"):
+    evaluation.evaluate(config, trained_quickstart)
+  config = quickstart(trained_quickstart, **{"model.width": 64})
+  with pytest.raises(ValueError, match="model.width: saved 128, now 64"):
+    evaluation.evaluate(config, trained_quickstart)
+
+
+def test_evaluate_cli(trained_quickstart):
+  cmd = [sys.executable, "-m", "igpt_jax.evaluate", "--config=configs/quickstart.py",
+         f"--workdir={trained_quickstart}", "--config.eval.tasks=bits_per_dim,linear_probe",
+         "--config.eval.layers=2", "--config.eval.raw_pixel_baseline=False"]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Test bits/dim:" in out.stdout and "Linear probe: best layer 2" in out.stdout
+  with open(os.path.join(trained_quickstart, "eval", "linear_probe.json")) as f:
+    lp = json.load(f)
+  assert list(lp["layers"]) == ["2"] and "raw_pixel_test_acc" not in lp
+  bad = subprocess.run(cmd[:5] + ["--config.eval.tasks=knn"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+  # A user error: status 2, the message naming the field, no traceback.
+  assert bad.returncode == 2 and "ConfigError: config.eval.tasks='knn'" in bad.stderr
+  assert "Traceback" not in bad.stderr

@@ -13,7 +13,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from igpt_jax import input_pipeline
@@ -136,7 +135,3 @@ def raw_pixels(config, source, split: str) -> tuple[np.ndarray, np.ndarray]:
     ys.append(ex["label"])
   return np.concatenate(xs), np.concatenate(ys).astype(np.int32)
 
-
-def pool_jnp(h):
-  """Mean over positions [b, l, d] -> [b, d] in float32 (used by fine-tuning)."""
-  return jnp.mean(h.astype(jnp.float32), axis=1)

@@ -205,3 +205,35 @@ def test_evaluate_cli(trained_quickstart):
   # A user error: status 2, the message naming the field, no traceback.
   assert bad.returncode == 2 and "ConfigError: config.eval.tasks='knn'" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_probe_on_another_dataset_real_cifar10(trained_quickstart, cifar10_dir, tfds_dir):
+  """The digits model probed on real CIFAR-10 (read at its 8x8 resolution, its palette)."""
+  config = quickstart(**{"eval.tasks": "linear_probe", "eval.dataset": cifar10_dir,
+                         "data_dir": tfds_dir, "eval.layers": "2,4",
+                         "eval.max_train_examples": 2000, "eval.holdout_fraction": 0.02})
+  lp = evaluation.evaluate(config, trained_quickstart)["linear_probe"]
+  assert lp["dataset"] == cifar10_dir
+  assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (2000, 1000, 10_000)
+  assert list(lp["layers"]) == ["2", "4"]
+  for row in lp["layers"].values():
+    assert 0.15 < row["test_acc"] < 0.6  # above chance (0.1), far from a CIFAR model
+  assert 0.2 < lp["raw_pixel_test_acc"] < 0.5
+
+
+def test_probe_config_file_targets_the_paper_datasets():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("probe_cfg", REPO / "configs" / "probe.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  expect = {"cifar10": "test", "cifar100": "test", "stl10": "test",
+            "imagenet2012": "validation"}
+  for dataset, test_split in expect.items():
+    c = module.get_config(f"s,{dataset}")
+    config_lib.validate(c, 1)
+    assert c.model.num_layers == 24
+    data = config_lib.eval_data_config(c)
+    assert (data.dataset, data.train_split, data.test_split) == (dataset, "train", test_split)
+  assert module.get_config("l,imagenet2012").eval.probe_solver == "sgd"
+  with pytest.raises(ValueError, match="MODEL,DATASET"):
+    module.get_config("s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +24,21 @@ def manager(workdir: str, config) -> ocp.CheckpointManager:
                                          enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be restored; the message lists why for each."""
+
+
+def quarantine(mgr: ocp.CheckpointManager, workdir: str, step: int) -> str:
+  """Moves an unrestorable step directory to workdir/corrupt_checkpoints/ (process 0)."""
+  src = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  dst = os.path.join(os.path.abspath(workdir), "corrupt_checkpoints", f"{step}-{int(time.time())}")
+  if jax.process_index() == 0 and os.path.exists(src):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+  del mgr
+  return dst
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state) -> None:

@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_flip = False
   c.shuffle_buffer = 16_384
   c.cache_data = True  # keep the encoded split in memory (small datasets).
+  # "global": the same global batches for any number of processes (each reads all encoded
+  # examples, decodes its own); "per_process": each process reads only its shard.
+  c.input_order = "global"
 
   # Palette. "" = `workdir/palette.npy`, fitted on the train split when missing.
   c.palette_size = 512
@@ -78,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optimisation (paper: Adam b2 0.95, no weight decay, one-epoch warmup, cosine to 0).
   c.batch_size = 128  # global.
+  c.grad_accum_steps = 1  # micro-batches per step (gradients averaged); batch_size is the total.
   c.total_steps = 1_000_000
   c.learning_rate = 3e-3
   c.warmup_steps = -1  # -1 = one epoch of the (held-out-reduced) train split.
@@ -87,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.grad_clip_norm = 1.0
   c.seed = 0
+  # A non-finite loss or gradient: "stop" the run (the last good checkpoint stays the latest)
+  # or "skip" the update (params and optimizer state unchanged), stopping after
+  # max_nonfinite_skips skipped steps in all.
+  c.nonfinite_policy = "stop"
+  c.max_nonfinite_skips = 20
 
   # Devices. -1 means "all remaining devices".
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -162,6 +171,7 @@ def imagenet_config() -> ml_collections.ConfigDict:
   # short side, then an area downsample to the model resolution. Eval: centre crop.
   c.train_crop_fraction = (224 / 384, 224 / 256)
   c.cache_data = False
+  c.input_order = "per_process"
   c.shuffle_buffer = 50_000
   return c
 
@@ -259,6 +269,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if not c.sample_temperature > 0:
     _fail("sample_temperature", c.sample_temperature, "must be > 0.")
 
+  if c.input_order not in ("global", "per_process"):
+    _fail("input_order", c.input_order, "must be 'global' or 'per_process'.")
+  if c.nonfinite_policy not in ("stop", "skip"):
+    _fail("nonfinite_policy", c.nonfinite_policy, "must be 'stop' or 'skip'.")
+  _positive_int(c, "max_nonfinite_skips")
   _validate_eval(c)
 
   mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))
@@ -266,6 +281,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.batch_size % batch_shards:
     _fail("batch_size", c.batch_size,
           f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}.")
+  _positive_int(c, "grad_accum_steps")
+  if c.batch_size % (c.grad_accum_steps * batch_shards):
+    _fail("grad_accum_steps", c.grad_accum_steps,
+          f"batch_size={c.batch_size} must split into grad_accum_steps micro-batches that "
+          f"each divide over the data-parallel size {batch_shards}.")
   if c.model.num_heads % mesh["tensor"]:
     _fail("model.num_heads", c.model.num_heads,
           f"must be divisible by mesh.tensor={mesh['tensor']}.")

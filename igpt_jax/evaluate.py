@@ -25,22 +25,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
-from absl import logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from igpt_jax import cli  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "The trained run's workdir (checkpoints, palette.npy).")
+cli.define_distributed_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv, FLAGS)
   from igpt_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run_reporting_user_errors(evaluation.evaluate, FLAGS.config, FLAGS.workdir)
 
 

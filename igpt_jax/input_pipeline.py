@@ -192,13 +192,32 @@ def _options():
 
 
 def train_iterator(config, source: Source, centers, *, local_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """An endless, shuffled, augmented stream of training batches, deterministic in `seed`."""
+                   process_index: int = 0, process_count: int = 1,
+                   skip_batches: int = 0) -> Iterator[dict]:
+  """An endless, shuffled, augmented stream of training batches, deterministic in `seed`.
+
+  `config.input_order`: "global" (every process reads the whole split in one seeded order and
+  keeps its slice of each global batch: the same global batches for any process count, at the
+  cost of each process reading every encoded example) or "per_process" (each process shuffles
+  only its own shard: the usual choice for ImageNet-sized data).
+
+  `skip_batches` resumes the stream exactly where a run that consumed that many batches left
+  it: the skipped examples pass through the shuffle (cheap, still encoded) but are not decoded.
+  """
+  global_order = config.input_order == "global"
   ds = _read(source, "train", shuffle_files=True, seed=seed, process_index=process_index,
-             process_count=process_count)
+             process_count=process_count, sharded=not global_order)
   if config.cache_data:
     ds = ds.cache()
   ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed).enumerate()
+  if global_order:
+    # Every process walks the same global order and keeps its slice of each global batch
+    # (process p: examples [p * local_batch, (p + 1) * local_batch) of it), decoding only
+    # those; the global batches do not depend on the number of processes.
+    ds = ds.skip(skip_batches * local_batch * process_count)
+    ds = ds.filter(lambda i, _: (i // local_batch) % process_count == process_index)
+  elif skip_batches:
+    ds = ds.skip(skip_batches * local_batch)
 
   def process(index, ex):
     example_seed = tf.stack([tf.cast(seed, tf.int64), index])

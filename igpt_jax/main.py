@@ -4,35 +4,40 @@ r"""Trains an iGPT model.
   python -m igpt_jax.main --config=configs/l.py --workdir=DIR --config.total_steps=100
 
 Any config field can be overridden with --config.<field>=<value>. Training resumes from the
-latest checkpoint in DIR/checkpoints. Library INFO logs (orbax, absl) are hidden unless
+latest checkpoint in DIR/checkpoints that restores (damaged ones are skipped and moved to
+DIR/corrupt_checkpoints), exactly where it stopped: the data stream included. On SIGTERM it
+finishes the step, checkpoints and exits with status 42; rerun the same command to resume. Library INFO logs (orbax, absl) are hidden unless
 --verbosity=0 is given.
 """
 
 import os
+import sys
 
 # TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from igpt_jax import cli  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/quickstart.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, palette, metrics and samples.")
+cli.define_distributed_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv, FLAGS)
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
-  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
-  cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+  try:
+    cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    print(f"igpt_jax: {e}", flush=True)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

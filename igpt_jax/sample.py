@@ -22,8 +22,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from absl import app  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
-from absl import logging  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from igpt_jax import cli  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -38,6 +39,7 @@ flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of colors with th
 flags.DEFINE_bool("greedy", False, "Take the most likely color instead of sampling.")
 flags.DEFINE_integer("per_step", 16, "Masked-pixel models: pixels committed per pass.")
 flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same images.")
+cli.define_distributed_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -96,11 +98,7 @@ def run(config, workdir: str) -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start(argv, FLAGS)
 
   def run_and_report(config, workdir):
     for path in run(config, workdir):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -83,25 +85,62 @@ def make_apply_fn(model):
   return apply_fn
 
 
+def _microbatches(tokens, accum_steps: int):
+  """[batch, length] -> [accum_steps, batch / accum_steps, length], microbatch m holding rows
+  m, m + k, m + 2k, ...: every device's contiguous share of the batch feeds every microbatch."""
+  batch, length = tokens.shape
+  micro = tokens.reshape(batch // accum_steps, accum_steps, length).swapaxes(0, 1)
+  return nn.with_logical_constraint(micro, (None, "act_batch", "act_length"))
+
+
 def train_step(state: TrainState, batch: dict, *, apply_fn, tx, schedule, objective: str,
-               mask_prob: float, seed: int):
-  """One optimizer step. Pure: the step's randomness is fold_in(seed, step)."""
+               mask_prob: float, seed: int, skip_nonfinite: bool = False,
+               accum_steps: int = 1):
+  """One optimizer step. Pure: the step's randomness is fold_in(seed, step).
+
+  `accum_steps` > 1 splits the batch into that many micro-batches whose gradients are averaged
+  (a scan: activations of one micro-batch live at a time); the update equals the full batch's.
+  With `skip_nonfinite`, a step whose loss or gradient is not finite leaves the parameters and
+  optimizer state unchanged (the step counter still advances); `metrics["nonfinite"]` is 1.
+  """
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
-  def loss_fn(params):
-    per_image = objectives.per_image_loss(apply_fn, params, batch["tokens"], rng,
+  def loss_fn(params, tokens, rng):
+    per_image = objectives.per_image_loss(apply_fn, params, tokens, rng,
                                           objective=objective, mask_prob=mask_prob)
     return jnp.mean(per_image)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  if accum_steps == 1:
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch["tokens"], rng)
+  else:
+    def accumulate(carry, xs):
+      loss_sum, grad_sum = carry
+      m, tokens = xs
+      loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens,
+                                                jax.random.fold_in(rng, m))
+      return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(
+        accumulate, (jnp.zeros((), jnp.float32), zeros),
+        (jnp.arange(accum_steps), _microbatches(batch["tokens"], accum_steps)))
+    loss = loss / accum_steps
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if skip_nonfinite:
+    keep_old = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree_util.tree_map(keep_old, params, state.params)
+    opt_state = jax.tree_util.tree_map(keep_old, opt_state, state.opt_state)
   metrics = {
       "loss": loss,
       "bits_per_dim": objectives.bits_per_dim(loss),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": grad_norm,
       "param_norm": optax.global_norm(params),
       "learning_rate": schedule(state.step),
+      "nonfinite": 1.0 - finite.astype(jnp.float32),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -140,7 +179,8 @@ class Trainer:
     replicated = sharding.replicated(self.mesh)
     self._train_step = jax.jit(
         functools.partial(train_step, tx=self.tx, schedule=self.schedule, seed=config.seed,
-                          **step_kw),
+                          skip_nonfinite=config.nonfinite_policy == "skip",
+                          accum_steps=config.grad_accum_steps, **step_kw),
         in_shardings=(self.state_shardings, batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
     self._eval_step = jax.jit(
@@ -168,12 +208,36 @@ class Trainer:
     return centers
 
   def restore_latest(self, mgr):
-    """(state, step) of the newest checkpoint onto this trainer's shardings; (None, None)."""
-    latest = mgr.latest_step()
-    if latest is None:
-      return None, None
+    """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
+
+    A newer checkpoint that fails to restore (a truncated or deleted file) is skipped with a
+    message, and moved to workdir/corrupt_checkpoints/ once an older one has restored, so that
+    it can neither become "latest" again nor block the save of that step; nothing is deleted.
+    If no checkpoint restores, nothing is moved and the error names every failure.
+    """
     abstract = checkpointing.abstract_like(self.state, self.state_shardings)
-    return checkpointing.restore(mgr, latest, abstract), latest
+    failures = []
+    for step in sorted(mgr.all_steps(), reverse=True):
+      try:
+        state = checkpointing.restore(mgr, step, abstract)
+      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        log(f"Skipping checkpoint {step}: it does not restore ({reason}).")
+        failures.append((step, reason))
+        continue
+      for bad, _ in failures:
+        moved = checkpointing.quarantine(mgr, self.workdir, bad)
+        log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {step}.")
+      if failures:
+        mgr.reload()
+      return state, step
+    if failures:
+      raise checkpointing.CheckpointError(
+          f"no checkpoint in {self.workdir}/checkpoints restores: "
+          + "; ".join(f"step {s}: {r}" for s, r in failures)
+          + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
+          "otherwise move the damaged step directories away or use a new --workdir.")
+    return None, None
 
   def train_step(self, state, local_batch):
     with sharding.use(self.mesh, self.config):
@@ -229,18 +293,81 @@ def _fmt_time(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
-  if bad:
+PREEMPTED_EXIT_CODE = 42  # `python -m igpt_jax.main` exits with it after a preemption save.
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM (or a preemption notice) after checkpointing `step`."""
+
+  def __init__(self, step: int):
+    super().__init__(f"preempted: checkpoint saved at step {step}; rerun the same command to "
+                     "resume from it.")
+    self.step = step
+
+
+class _StopFlag:
+  """Set by SIGTERM; the loop finishes the current step, checkpoints and stops."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def should_stop(self, mgr, step: int) -> bool:
+    stop = self.requested
+    try:  # TPU/SLURM preemption notices through JAX's distributed runtime, where present.
+      stop = stop or bool(mgr.reached_preemption(step))
+    except Exception:  # pylint: disable=broad-except
+      pass
+    if jax.process_count() > 1:  # every process stops at the same step
+      stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+    return stop
+
+
+def _check_finite(fetched: list, first_step: int, config, skipped_so_far: int) -> int:
+  """Raises on a non-finite step (policy 'stop') or too many skips; returns the skips seen."""
+  bad = [first_step + i for i, m in enumerate(fetched)
+         if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))]
+  if not bad:
+    return 0
+  if config.nonfinite_policy == "stop":
+    m = fetched[bad[0] - first_step]
     raise FloatingPointError(
-        f"non-finite training metrics at step {step}: {bad}. The last good checkpoint is kept; "
-        "lower config.learning_rate or enable config.grad_clip_norm.")
+        f"non-finite training step {bad[0]} (loss {float(m['loss'])}, grad norm "
+        f"{float(m['grad_norm'])}). Stopped before any checkpoint of it: the last good "
+        "checkpoint is still the latest. Lower config.learning_rate, enable "
+        "config.grad_clip_norm, or set config.nonfinite_policy='skip'.")
+  if skipped_so_far + len(bad) > config.max_nonfinite_skips:
+    raise FloatingPointError(
+        f"{skipped_so_far + len(bad)} non-finite steps skipped (the last at step {bad[-1]}), "
+        f"more than config.max_nonfinite_skips={config.max_nonfinite_skips}: the run is "
+        "diverging. The last checkpoint holds only finite updates.")
+  return len(bad)
+
+
+def _mean(fetched: list, key: str) -> float:
+  values = np.asarray([float(m[key]) for m in fetched])
+  finite = values[np.isfinite(values)]
+  return float(finite.mean()) if finite.size else float("nan")
 
 
 def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
-  Returns the final train state and the metrics of the last logged step.
+  Returns the final train state and the metrics of the last logged step. Raises `Preempted`
+  after checkpointing when SIGTERM (or a preemption notice) arrives.
   """
   os.makedirs(workdir, exist_ok=True)
   checkpointing.check_compatible(workdir, config)
@@ -256,30 +383,46 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
     checkpointing.save_config(workdir, config)
 
   mgr = checkpointing.manager(workdir, config)
+  writer = metric_writer.MetricWriter(workdir)
+  try:
+    with _StopFlag() as stop_flag:
+      return _train_loop(trainer, mgr, writer, stop_flag)
+  finally:
+    mgr.wait_until_finished()  # a pending async save completes even when the loop raised
+    writer.close()
+    mgr.close()
+
+
+def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, dict]:
+  c, workdir = trainer.config, trainer.workdir
+  seq_len = c.image_size**2
   state, latest = trainer.restore_latest(mgr)
   if latest is None:
     state = trainer.state
   else:
     log(f"Resumed from checkpoint at step {latest}.")
+  trainer.state = None  # do not keep the initial state alive beside the training one
   start = int(state.step)
 
-  writer = metric_writer.MetricWriter(workdir)
-  # The stream restarts with a step-dependent seed on resume (no repeat of the same batches).
+  # Exact resume: the same seeded stream, advanced past the batches already trained on.
   data = input_pipeline.train_iterator(
-      c, trainer.source, trainer.centers, local_batch=trainer.local_batch,
-      seed=c.seed * 1_000_003 + start, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      c, trainer.source, trainer.centers, local_batch=trainer.local_batch, seed=c.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      skip_batches=start)
 
   pending, t_last, t0, step = [], time.time(), time.time(), start
-  last = {}
+  last, skipped, saved_step = {}, 0, latest
   for step in range(start + 1, c.total_steps + 1):
     state, metrics = trainer.train_step(state, next(data))
     pending.append(metrics)
     is_last = step == c.total_steps
-    if step % c.log_every_steps == 0 or step % c.checkpoint_every_steps == 0 or is_last:
+    preempted = stop_flag.should_stop(mgr, step)
+    checkpoint_now = step % c.checkpoint_every_steps == 0 or is_last or preempted
+    if step % c.log_every_steps == 0 or checkpoint_now:
       fetched = jax.device_get(pending)
-      last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      _check_finite(step, last)
+      skipped += _check_finite(fetched, step - len(fetched) + 1, c, skipped)
+      last = {k: _mean(fetched, k) for k in fetched[0] if k != "nonfinite"}
+      last["skipped_steps"] = skipped
       now = time.time()
       last["tokens_per_sec"] = len(pending) * c.batch_size * seq_len / max(now - t_last, 1e-9)
       pending, t_last = [], now
@@ -290,12 +433,17 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)
       val_txt = f" | val bits/dim {last['val_bits_per_dim']:.4f}" if "val_loss" in last else ""
+      skip_txt = f" | {skipped} skipped" if skipped else ""
       log(f"step {step}/{c.total_steps} | loss {last['loss']:.4f} | bits/dim "
-          f"{last['bits_per_dim']:.4f}{val_txt} | {last['tokens_per_sec']:,.0f} tokens/s | "
-          f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-    if step % c.checkpoint_every_steps == 0 or is_last:
+          f"{last['bits_per_dim']:.4f}{val_txt}{skip_txt} | {last['tokens_per_sec']:,.0f} "
+          f"tokens/s | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+    if checkpoint_now and saved_step != step:
       checkpointing.save(mgr, step, state)
-  mgr.wait_until_finished()
+      saved_step = step
+    if preempted and not is_last:
+      mgr.wait_until_finished()
+      log(f"Stop requested (SIGTERM or preemption notice): checkpoint saved at step {step}.")
+      raise Preempted(step)
 
   result = dict(last, step=int(step))
   if c.num_samples > 0:
@@ -305,8 +453,6 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
       images_lib.save_png(path, images_lib.grid(samples))
       log(f"Wrote {c.num_samples} samples to {path}")
-  writer.close()
-  mgr.close()
   if "val_bits_per_dim" in result:
     log(f"Done: step {step}, validation bits/dim {result['val_bits_per_dim']:.4f} "
         f"({result['val_loss']:.4f} nats/token).")

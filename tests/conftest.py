@@ -99,6 +99,8 @@ def quickstart_config(workdir=None, **overrides):
     for part in parents:
       target = target[part]
     target[leaf] = value
+  if "warmup_steps" not in overrides:
+    c.warmup_steps = min(c.warmup_steps, c.total_steps // 2)
   return c
 
 

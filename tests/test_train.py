@@ -127,17 +127,25 @@ import jax
 from conftest import tiny_config
 from igpt_jax import train
 losses = {}
-for mesh in [(4, 1, 1), (1, 4, 1), (2, 1, 2)]:
+for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
   config = tiny_config(dataset=sys.argv[1], data_dir=sys.argv[2], total_steps=3,
                        log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
                        **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
   trainer = train.Trainer(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
-  if mesh == (1, 4, 1):
-    spec = trainer.state.params["wte"].sharding.spec
+  params = trainer.state.params
+  if mesh == (2, 4, 1):  # FSDP shards `embed`; the leading scan axis `layers` is replicated
+    spec = params["wte"].sharding.spec
     assert spec == jax.P(None, "fsdp"), spec
-  if mesh == (2, 1, 2):
-    spec = trainer.state.params["blocks"]["attn"]["query"].sharding.spec
+    assert params["wte"].addressable_shards[0].data.shape == (64, 16)
+  if mesh == (2, 2, 2):
+    spec = params["blocks"]["attn"]["query"].sharding.spec
     assert spec == jax.P(None, "fsdp", "tensor", None), spec  # [layers, embed, heads, kv]
+    spec = params["blocks"]["mlp"]["fc"]["kernel"].sharding.spec
+    assert spec == jax.P(None, "fsdp", "tensor"), spec  # [layers, embed, mlp]
+    assert params["blocks"]["mlp"]["fc"]["kernel"].addressable_shards[0].data.shape == (2, 32, 128)
+    # Adam's moments are sharded like the parameters.
+    mu = trainer.state.opt_state[1][0].mu["blocks"]["mlp"]["fc"]["kernel"]
+    assert mu.sharding.spec == spec, mu.sharding.spec
   _, result = train.train_and_evaluate(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
   rows = [json.loads(l) for l in open(sys.argv[3] + "/" + "x".join(map(str, mesh)) + "/metrics.jsonl")]
   losses["x".join(map(str, mesh))] = [r["loss"] for r in rows]
@@ -145,13 +153,13 @@ print("LOSSES", json.dumps(losses))
 """
 
 
-def test_same_losses_on_one_and_four_devices(cifar10_dir, tfds_dir, tmp_path, cifar_config):
-  """Data, FSDP and tensor parallel runs on 4 fake CPU devices match one device."""
+def test_same_losses_on_one_and_eight_devices(cifar10_dir, tfds_dir, tmp_path, cifar_config):
+  """Meshes 8x1x1, 2x4x1 and 2x2x2 (data x fsdp x tensor) on 8 fake CPU devices match 1."""
   config = cifar_config(total_steps=3, log_every_steps=1, eval_every_steps=3,
                         checkpoint_every_steps=3)
   train.train_and_evaluate(config, str(tmp_path / "single"))
   single = [r["loss"] for r in read_metrics(str(tmp_path / "single"))]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=str(REPO / "tests"))
   out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, cifar10_dir, tfds_dir,
                         str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,

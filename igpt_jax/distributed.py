@@ -1,0 +1,110 @@
+"""Multi-process start-up: `jax.distributed.initialize` from flags or the environment.
+
+Called once, before anything touches a device, by the command-line tools. Sources, first match:
+
+  1. explicit settings (flags of `igpt_jax.main`, or $IGPT_COORDINATOR_ADDRESS,
+     $IGPT_NUM_PROCESSES, $IGPT_PROCESS_ID): the coordinator is process 0's `host:port`;
+  2. a cluster JAX detects itself: a multi-task SLURM job ($SLURM_NTASKS > 1), a Cloud TPU pod
+     slice (several $TPU_WORKER_HOSTNAMES), or anything JAX auto-detects when
+     $IGPT_DISTRIBUTED_AUTO=1 (set by launch/tpu_pod.sh);
+  3. otherwise a single process: nothing to do.
+
+On CPU the cross-process collectives use gloo. A process that dies is noticed by the others
+through the coordination service's heartbeat; `heartbeat_timeout_s` bounds how long they wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  coordinator_address: Optional[str] = None
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
+  heartbeat_timeout_s: int = 100
+  initialization_timeout_s: int = 300
+
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError as e:
+    raise ValueError(f"${name}={value!r} must be an integer.") from e
+
+
+def settings_from_env(**overrides) -> Settings:
+  """Explicit settings from $IGPT_* variables, overridden by non-None keyword arguments."""
+  s = Settings(coordinator_address=os.environ.get("IGPT_COORDINATOR_ADDRESS") or None,
+               num_processes=_env_int("IGPT_NUM_PROCESSES"),
+               process_id=_env_int("IGPT_PROCESS_ID"),
+               heartbeat_timeout_s=_env_int("IGPT_HEARTBEAT_TIMEOUT_S") or 100)
+  return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def detected_cluster() -> Optional[str]:
+  """The kind of multi-process cluster the environment describes, or None."""
+  if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+    return "slurm"
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return "tpu"
+  return None
+
+
+def plan(settings: Settings) -> Optional[dict]:
+  """The keyword arguments for jax.distributed.initialize, or None for a single process."""
+  explicit = (settings.coordinator_address, settings.num_processes, settings.process_id)
+  if any(v is not None for v in explicit):
+    if not all(v is not None for v in explicit):
+      raise ValueError(
+          "multi-process settings are incomplete: coordinator_address="
+          f"{settings.coordinator_address!r}, num_processes={settings.num_processes!r}, "
+          f"process_id={settings.process_id!r}. Give all three (flags --coordinator_address, "
+          "--num_processes, --process_id or $IGPT_COORDINATOR_ADDRESS, $IGPT_NUM_PROCESSES, "
+          "$IGPT_PROCESS_ID), or none for a single process.")
+    if not 0 <= settings.process_id < settings.num_processes:
+      raise ValueError(f"process_id={settings.process_id} must be in "
+                       f"[0, num_processes={settings.num_processes}).")
+    if settings.num_processes == 1:
+      return None
+    return dict(coordinator_address=settings.coordinator_address,
+                num_processes=settings.num_processes, process_id=settings.process_id,
+                heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
+                initialization_timeout=settings.initialization_timeout_s)
+  if os.environ.get("IGPT_DISTRIBUTED_AUTO") == "1" or detected_cluster():
+    return dict(heartbeat_timeout_seconds=settings.heartbeat_timeout_s,
+                initialization_timeout=settings.initialization_timeout_s)
+  return None
+
+
+_initialized = False
+
+
+def initialize(settings: Optional[Settings] = None) -> None:
+  """Joins the multi-process job described by `settings` (default: the environment)."""
+  global _initialized
+  if _initialized:
+    return
+  kwargs = plan(settings or settings_from_env())
+  if kwargs is None:
+    return
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  _initialized = True
+
+
+def _has_accelerator() -> bool:
+  """Whether an accelerator plugin is installed, checked without initialising any backend."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  return any(importlib.util.find_spec(m) is not None
+             for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"))

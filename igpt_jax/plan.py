@@ -1,0 +1,149 @@
+r"""Memory plan of a config on a device count you do not have: compile, allocate nothing.
+
+  python -m igpt_jax.plan --config=configs/xl.py --devices=256 \
+      [--config.mesh.fsdp=64 --config.mesh.tensor=4] [--hbm_gib=16]
+
+Builds `--devices` fake CPU devices, the config's mesh over them, abstract (shape-only) train
+state and batch with their shardings, lowers and compiles the real train step, and prints the
+parameter count, bytes per device for parameters, optimizer state, and XLA's temporary buffers
+(activations, gradients, collectives' scratch), and whether the total fits `--hbm_gib`.
+The figures are the CPU compiler's; an accelerator's compiler schedules differently, so keep a
+margin (the README's recommendations keep about 20%).
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The config to plan for.", lock_config=True)
+flags.DEFINE_integer("devices", 8, "Number of devices to plan for (faked on the CPU).")
+flags.DEFINE_float("hbm_gib", 16.0, "Memory per device, GiB (v5e 16, v4 32, H100 80).")
+flags.mark_flags_as_required(["config"])
+
+GIB = 1024**3
+
+
+def _fake_devices(n: int) -> None:
+  """Must run before jax is imported."""
+  if "jax" in sys.modules:
+    raise RuntimeError("igpt_jax.plan must set up its fake devices before jax is imported.")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  flags_ = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags_ + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def per_device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (shape structs) laid out with `shardings`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  total = 0
+  for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings),
+                  strict=True):
+    total += int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def plan(config, hbm_gib: float) -> dict:
+  """Compiles the train step of `config` on the current devices; returns the figures."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config, jax.device_count())
+  mesh = sharding.make_mesh(config)
+  model = model_lib.IGPT(model_lib.model_config_from(config))
+  warmup = config.warmup_steps if config.warmup_steps >= 0 else 5_000
+  schedule = train.lr_schedule(config, warmup)
+  tx = train.make_optimizer(config, schedule)
+  seq_len = config.image_size**2
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params))
+
+  with sharding.use(mesh, config):
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.param_shardings(boxed, mesh, config)
+  shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                                  boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  with sharding.use(mesh, config):
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, seq_len), jnp.int32,
+                                            sharding=batch_sharding),
+             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                           sharding=batch_sharding)}
+    step_fn = jax.jit(
+        functools.partial(train.train_step, apply_fn=train.make_apply_fn(model), tx=tx,
+                          schedule=schedule, objective=config.objective,
+                          mask_prob=config.mask_prob, seed=config.seed,
+                          accum_steps=config.grad_accum_steps),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+    t0 = time.time()
+    compiled = step_fn.lower(abstract, batch).compile()
+    compile_s = time.time() - t0
+  mem = compiled.memory_analysis()
+  params_b = per_device_bytes(abstract.params, shardings.params)
+  opt_b = per_device_bytes(abstract.opt_state, shardings.opt_state)
+  temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  args_b = int(getattr(mem, "argument_size_in_bytes", 0)) if mem is not None else 0
+  total = max(args_b, params_b + opt_b) + temp_b
+  return {
+      "devices": jax.device_count(),
+      "mesh": dict(mesh.shape),
+      "parameters": model_lib.count_params(abstract.params),
+      "batch_size": config.batch_size,
+      "grad_accum_steps": config.grad_accum_steps,
+      "remat_policy": config.model.remat_policy,
+      "dtype": config.model.dtype,
+      "params_gib_per_device": params_b / GIB,
+      "optimizer_gib_per_device": opt_b / GIB,
+      "temp_gib_per_device": temp_b / GIB,
+      "total_gib_per_device": total / GIB,
+      "hbm_gib": hbm_gib,
+      "fits": total <= hbm_gib * GIB,
+      "compile_s": compile_s,
+  }
+
+
+def format_plan(p: dict) -> str:
+  mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
+  verdict = "fits" if p["fits"] else "DOES NOT FIT"
+  return "\n".join([
+      f"{p['parameters']:,} parameters on {p['devices']} devices ({mesh}); global batch "
+      f"{p['batch_size']} in {p['grad_accum_steps']} micro-batch(es), remat "
+      f"{p['remat_policy']}, compute {p['dtype']}",
+      f"  per device: parameters {p['params_gib_per_device']:.2f} GiB | optimizer "
+      f"{p['optimizer_gib_per_device']:.2f} GiB | activations & temporaries "
+      f"{p['temp_gib_per_device']:.2f} GiB | total {p['total_gib_per_device']:.2f} GiB",
+      f"  {verdict} in {p['hbm_gib']:g} GiB per device (compiled in {p['compile_s']:.0f}s)",
+  ])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _fake_devices(FLAGS.devices)
+  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_reporting_user_errors(
+      lambda c: print(format_plan(plan(c, FLAGS.hbm_gib)), flush=True), FLAGS.config)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,218 @@
+"""Faults: kill -9 and exact resume, SIGTERM, damaged checkpoints, non-finite steps."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from conftest import quickstart_config
+from igpt_jax import checkpointing
+from igpt_jax import input_pipeline
+from igpt_jax import train
+
+CLI = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
+       "--config.warmup_steps=2", "--config.num_samples=0", "--config.log_every_steps=1"]
+
+
+def read_metrics(workdir):
+  """{step: row}; a step logged twice (before a crash and after the resume) keeps the last."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
+
+
+def restore_params(workdir, step):
+  config = quickstart_config()
+  trainer = train.Trainer(config, workdir)
+  mgr = checkpointing.manager(workdir, config)
+  abstract = checkpointing.abstract_like(trainer.state, trainer.state_shardings)
+  state = checkpointing.restore(mgr, step, abstract)
+  mgr.close()
+  return jax.device_get(state)
+
+
+def test_skip_batches_resumes_the_exact_stream():
+  config = quickstart_config()
+  source = input_pipeline.open_source(config)
+  centers = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
+  kw = dict(local_batch=8, seed=3)
+  full = input_pipeline.train_iterator(config, source, centers, **kw)
+  head = [next(full) for _ in range(7)]
+  resumed = input_pipeline.train_iterator(config, source, centers, skip_batches=4, **kw)
+  for want in head[4:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+  assert not np.array_equal(head[0]["tokens"], head[4]["tokens"])
+
+
+def test_kill_9_then_resume_is_bit_identical(tmp_path):
+  """N steps in one go == k steps, kill -9, restart, finish: same losses, same parameters."""
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  args = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
+          "--config.eval_every_steps=12"]
+  ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  victim = subprocess.Popen(CLI + args + [f"--workdir={killed}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 240
+  while not os.path.exists(os.path.join(killed, "checkpoints", "4")):
+    assert victim.poll() is None and time.time() < deadline, "no checkpoint 4 appeared"
+    time.sleep(0.05)
+  victim.send_signal(signal.SIGKILL)
+  victim.wait(timeout=30)
+  assert ref.wait(timeout=300) == 0
+  out = subprocess.run(CLI + args + [f"--workdir={killed}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  resumed_from = int(out.stdout.split("Resumed from checkpoint at step ")[1].split(".")[0])
+  assert resumed_from in (4, 8)
+  a, b = read_metrics(straight), read_metrics(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 13))
+  for step in range(1, 13):
+    assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
+    assert a[step]["grad_norm"] == b[step]["grad_norm"]
+  sa, sb = restore_params(straight, 12), restore_params(killed, 12)
+  for x, y in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_exits_42_and_resumes(tmp_path):
+  workdir = str(tmp_path)
+  args = [f"--workdir={workdir}", "--config.total_steps=100000",
+          "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
+  proc = subprocess.Popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stdout, _ = proc.communicate(timeout=60)
+  assert proc.returncode == train.PREEMPTED_EXIT_CODE == 42, stdout[-2000:]
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+  assert len(saved) == 1 and saved[0] >= 3
+  assert f"checkpoint saved at step {saved[0]}" in stdout
+  assert max(read_metrics(workdir)) == saved[0]  # the last step was logged, then saved
+  out = subprocess.run(CLI + [f"--workdir={workdir}", f"--config.total_steps={saved[0] + 2}",
+                              "--config.eval_every_steps=1000"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resumed from checkpoint at step {saved[0]}." in out.stdout
+
+
+# --- damaged checkpoints (in process) -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ckpts"))
+  train.train_and_evaluate(quickstart_config(total_steps=4, checkpoint_every_steps=2,
+                                             eval_every_steps=4), workdir)
+  return workdir
+
+
+def damage(workdir, how):
+  d = os.path.join(workdir, "checkpoints", "4", "state")
+  if how == "truncated":
+    for f in glob.glob(os.path.join(d, "ocdbt.process_0", "d", "*")):
+      if os.path.getsize(f) > 100_000:
+        with open(f, "r+b") as fh:
+          fh.truncate(os.path.getsize(f) // 2)
+  elif how == "deleted metadata":
+    os.remove(os.path.join(d, "_METADATA"))
+  elif how == "deleted data":
+    for f in glob.glob(os.path.join(d, "ocdbt.process_0", "d", "*")):
+      os.remove(f)
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted metadata", "deleted data"])
+def test_damaged_latest_checkpoint_is_skipped_and_kept(two_checkpoints, tmp_path, how,
+                                                        capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir)
+  good = restore_params(workdir, 2)
+  damage(workdir, how)
+  capsys.readouterr()
+  config = quickstart_config(total_steps=6, checkpoint_every_steps=2, eval_every_steps=6)
+  state, _ = train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert "Skipping checkpoint 4: it does not restore" in out
+  assert "Resumed from checkpoint at step 2." in out
+  moved = glob.glob(os.path.join(workdir, "corrupt_checkpoints", "4-*"))
+  assert len(moved) == 1 and os.path.isdir(os.path.join(moved[0], "state"))  # kept, not lost
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [2, 4, 6]
+  assert int(state.step) == 6
+  # Step 2 was left untouched and is still restorable.
+  for x, y in zip(jax.tree_util.tree_leaves(good),
+                  jax.tree_util.tree_leaves(restore_params(workdir, 2))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_no_restorable_checkpoint_fails_and_moves_nothing(two_checkpoints, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir)
+  for step in ("2", "4"):
+    os.remove(os.path.join(workdir, "checkpoints", step, "state", "_METADATA"))
+  config = quickstart_config(total_steps=6, checkpoint_every_steps=2)
+  with pytest.raises(checkpointing.CheckpointError, match=r"step 4: .*step 2: .*Nothing was"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+
+
+def test_interrupted_save_never_becomes_latest(two_checkpoints, tmp_path, capsys):
+  """A save killed half way leaves orbax's temporary directory; it is not a checkpoint."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir)
+  half = os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1234")
+  shutil.copytree(os.path.join(workdir, "checkpoints", "4"), half)
+  os.remove(os.path.join(half, "state", "_METADATA"))
+  capsys.readouterr()
+  config = quickstart_config(total_steps=5, checkpoint_every_steps=5, eval_every_steps=5)
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert "Resumed from checkpoint at step 4." in out and "Skipping" not in out
+
+
+# --- non-finite steps -----------------------------------------------------------------------
+
+def exploding(**overrides):
+  """Adam moves every weight by ~lr on its first step: lr 1e30 overflows step 2's forward."""
+  return quickstart_config(learning_rate=1e30, warmup_steps=0, log_every_steps=1,
+                           checkpoint_every_steps=1, eval_every_steps=100, total_steps=8,
+                           **overrides)
+
+
+def test_nonfinite_step_stops_before_checkpointing_it(tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError, match="non-finite training step 2 .*last good"):
+    train.train_and_evaluate(exploding(), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+  state = restore_params(workdir, 1)
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+def test_nonfinite_steps_are_skipped_by_config_then_bounded(tmp_path):
+  workdir = str(tmp_path)
+  config = exploding(nonfinite_policy="skip", max_nonfinite_skips=3)
+  with pytest.raises(FloatingPointError, match="4 non-finite steps skipped .*step 5"):
+    train.train_and_evaluate(config, workdir)
+  rows = read_metrics(workdir)
+  assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
+  # Steps 2-4 were skipped: the parameters stayed exactly as step 1 made them (finite), and the
+  # checkpoints of those steps hold them.
+  after_2, after_4 = restore_params(workdir, 2), restore_params(workdir, 4)
+  for x, y in zip(jax.tree_util.tree_leaves(after_2.params),
+                  jax.tree_util.tree_leaves(after_4.params)):
+    np.testing.assert_array_equal(x, y)
+    assert np.isfinite(x).all()
+  assert int(after_4.step) == 4

@@ -1,0 +1,186 @@
+"""Scale-out pieces that need no second machine: gradient accumulation, the memory planner,
+multi-process settings, and the launch scripts' dry runs."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from conftest import tiny_config
+from igpt_jax import distributed
+from igpt_jax import model as model_lib
+from igpt_jax import sharding
+from igpt_jax import train
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+  config = tiny_config()
+  model = model_lib.IGPT(model_lib.model_config_from(config))
+  schedule = train.lr_schedule(config, 2)
+  tx = train.make_optimizer(config, schedule)
+  mesh = sharding.make_mesh(config)
+  state, _ = train.create_train_state(model, tx, mesh, config, jax.random.PRNGKey(0))
+  # A non-zero head, so that the loss and every gradient depend on the whole model.
+  params = dict(state.params)
+  params["wtet"] = 0.1 * jax.random.normal(jax.random.PRNGKey(1), params["wtet"].shape)
+  state = state.replace(params=params)
+  batch = {"tokens": jax.random.randint(jax.random.PRNGKey(2), (16, 256), 0, 64)}
+  out = {}
+  for k in (1, 2, 4):
+    step = jax.jit(functools.partial(
+        train.train_step, apply_fn=train.make_apply_fn(model), tx=tx, schedule=schedule,
+        objective="next_pixel", mask_prob=0.15, seed=0, accum_steps=k))
+    with sharding.use(mesh, config):
+      new_state, metrics = step(state, batch)
+    out[k] = (metrics, new_state.params)
+  for k in (2, 4):
+    for key in ("loss", "grad_norm"):
+      np.testing.assert_allclose(out[k][0][key], out[1][0][key], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(out[k][1]), jax.tree_util.tree_leaves(out[1][1])):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(out[1][0]["loss"]) != pytest.approx(np.log(64), abs=1e-3)
+
+
+PLAN_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, "tests")
+from igpt_jax import plan
+from conftest import tiny_config
+out = {}
+for name, mesh in {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2)}.items():
+  c = tiny_config(**{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
+                     "model.remat_policy": "full"})
+  out[name] = plan.plan(c, hbm_gib=1.0)
+print("PLAN" + json.dumps(out))
+"""
+
+
+def test_memory_plan_compiles_on_fake_devices_and_sees_fsdp():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", PLAN_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plans = json.loads(out.stdout.split("PLAN", 1)[1])
+  n = plans["data8"]["parameters"]
+  assert n == 2 * (12 * 64 * 64 + 2 * 64) + 64 * 64 + 64 * 256 + 64 * 64 + 2 * 64 == 123_264
+  # Replicated over `data`, each device holds every float32 parameter; FSDP over 8 holds ~1/8.
+  assert plans["data8"]["params_gib_per_device"] * 2**30 == pytest.approx(4 * n)
+  ratio = plans["fsdp8"]["params_gib_per_device"] / plans["data8"]["params_gib_per_device"]
+  assert 0.12 <= ratio < 0.2, ratio
+  # Adam keeps two moments, sharded like the parameters.
+  for p in plans.values():
+    assert p["optimizer_gib_per_device"] == pytest.approx(2 * p["params_gib_per_device"],
+                                                          rel=0.01)
+    assert p["temp_gib_per_device"] > 0 and p["fits"] and p["devices"] == 8
+  assert plans["2x2x2"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_plan_cli(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
+                        "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
+                        "--hbm_gib=0.001"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "800,000 parameters on 4 devices (data 1 x fsdp 4 x tensor 1)" in out.stdout
+  assert "DOES NOT FIT in 0.001 GiB" in out.stdout
+  bad = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
+                        "--devices=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "batch_size=64" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- multi-process settings -----------------------------------------------------------------
+
+@pytest.fixture
+def clean_env(monkeypatch):
+  for k in ("IGPT_COORDINATOR_ADDRESS", "IGPT_NUM_PROCESSES", "IGPT_PROCESS_ID",
+            "IGPT_DISTRIBUTED_AUTO", "SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(k, raising=False)
+  return monkeypatch
+
+
+def test_distributed_settings(clean_env):
+  assert distributed.plan(distributed.settings_from_env()) is None  # one process
+  clean_env.setenv("IGPT_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  clean_env.setenv("IGPT_NUM_PROCESSES", "4")
+  with pytest.raises(ValueError, match="incomplete.*process_id=None"):
+    distributed.plan(distributed.settings_from_env())
+  kw = distributed.plan(distributed.settings_from_env(process_id=3))
+  assert kw["coordinator_address"] == "10.0.0.1:1234" and kw["num_processes"] == 4
+  assert kw["process_id"] == 3 and kw["heartbeat_timeout_seconds"] == 100
+  with pytest.raises(ValueError, match=r"process_id=4 must be in \[0, num_processes=4\)"):
+    distributed.plan(distributed.settings_from_env(process_id=4))
+  clean_env.setenv("IGPT_NUM_PROCESSES", "four")
+  with pytest.raises(ValueError, match="IGPT_NUM_PROCESSES='four'"):
+    distributed.settings_from_env()
+
+
+def test_cluster_detection(clean_env):
+  clean_env.setenv("SLURM_JOB_ID", "77")
+  clean_env.setenv("SLURM_NTASKS", "1")
+  assert distributed.detected_cluster() is None
+  clean_env.setenv("SLURM_NTASKS", "16")
+  assert distributed.detected_cluster() == "slurm"
+  assert "coordinator_address" not in distributed.plan(distributed.settings_from_env())
+  clean_env.delenv("SLURM_NTASKS")
+  clean_env.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
+  assert distributed.detected_cluster() == "tpu"
+
+
+# --- launch scripts ---------------------------------------------------------------------------
+
+def sh(args, **env):
+  return subprocess.run(["bash"] + args, cwd=REPO, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, **env))
+
+
+def test_tpu_pod_dry_run():
+  out = sh(["launch/tpu_pod.sh", "--name", "igpt-l", "--zone", "us-central2-b", "--create",
+            "v4-256", "--spot", "--dry-run", "--", "python", "-m", "igpt_jax.main",
+            "--config=configs/l.py", "--workdir=gs://bucket/igpt_l"])
+  assert out.returncode == 0, out.stderr
+  lines = [l for l in out.stdout.splitlines() if l.startswith("+ ")]
+  assert "tpu-vm create igpt-l --zone us-central2-b --accelerator-type v4-256" in lines[0]
+  assert "--spot" in lines[0]
+  assert any("scp" in l and "--worker=all" in l for l in lines)
+  # The printed commands are shell-quoted (printf %q): spaces appear as "\ ".
+  assert "pip\\ install\\ -q\\ -e\\ ." in lines[-2] and "jax\\[tpu\\]" in lines[-2]
+  assert "--worker=all" in lines[-1] and "IGPT_DISTRIBUTED_AUTO=1" in lines[-1]
+  assert "--workdir=gs://bucket/igpt_l" in lines[-1]
+  assert "Usage: launch/tpu_pod.sh" in sh(["launch/tpu_pod.sh", "--help"]).stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--zone", "z", "--", "x"], "no TPU name"),
+    (["--name", "n", "--", "x"], "no zone"),
+    (["--name", "n", "--zone", "z"], "no command after --"),
+    (["--name", "n", "--zone", "z", "--bogus"], "unknown option --bogus"),
+])
+def test_tpu_pod_fails_clearly(args, message):
+  out = sh(["launch/tpu_pod.sh"] + args, TPU_NAME="", TPU_ZONE="")
+  assert out.returncode == 2 and message in out.stderr
+
+
+def test_slurm_dry_run_and_missing_variables():
+  env = dict(IGPT_DRY_RUN="1", IGPT_CONFIG="configs/l.py", IGPT_WORKDIR="/shared/igpt_l",
+             SLURM_JOB_NODELIST="gpu[01-04]", SLURM_NTASKS="32", IGPT_COORDINATOR_HOST="gpu01")
+  out = sh(["launch/slurm_gpu.sbatch", "--config.total_steps=10"], **env)
+  assert out.returncode == 0, out.stderr
+  assert "coordinator gpu01:12355, 32 processes" in out.stdout
+  cmd = out.stdout.splitlines()[-1]
+  assert cmd.startswith("+ srun --kill-on-bad-exit=1 bash -c")
+  for part in ("IGPT_PROCESS_ID=\\$SLURM_PROCID", "CUDA_VISIBLE_DEVICES=\\$SLURM_LOCALID",
+               "IGPT_COORDINATOR_ADDRESS=gpu01:12355", "--config=configs/l.py",
+               "--workdir=/shared/igpt_l", "--config.total_steps=10"):
+    assert part in cmd, (part, cmd)
+  missing = dict(env, IGPT_WORKDIR="")
+  out = sh(["launch/slurm_gpu.sbatch"], **missing)
+  assert out.returncode != 0 and "set IGPT_WORKDIR" in out.stderr
+  out = sh(["launch/slurm_gpu.sbatch"], **dict(env, SLURM_JOB_NODELIST=""))
+  assert out.returncode != 0 and "not inside a SLURM job" in out.stderr

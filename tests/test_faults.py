@@ -216,3 +216,61 @@ def test_nonfinite_steps_are_skipped_by_config_then_bounded(tmp_path):
     np.testing.assert_array_equal(x, y)
     assert np.isfinite(x).all()
   assert int(after_4.step) == 4
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_odd_image_formats_in_a_local_folder_become_rgb(tmp_path):
+  """RGBA, 16-bit grayscale, CMYK, palette and 8-bit grayscale files all read as RGB uint8."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  root = tmp_path / "odd"
+  for split in ("train", "test"):
+    d = root / split / "a"
+    d.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), "RGBA").save(d / "a.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 24), dtype=np.uint16)).save(d / "b.png")
+    Image.fromarray(rng.integers(0, 255, (20, 24, 4), dtype=np.uint8), "CMYK").save(d / "c.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).convert("P").save(
+        d / "d.png")
+    Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8), "L").save(d / "e.jpg")
+  config = config_lib.base_config()
+  config.dataset, config.data_dir = str(root), str(tmp_path / "tfds")
+  config.image_size, config.holdout_fraction = 8, 0.0
+  source = input_pipeline.open_source(config)
+  images = [ex["image"] for ex in
+            input_pipeline.eval_images(config, source, "test").as_numpy_iterator()]
+  assert len(images) == 5
+  assert all(im.shape == (8, 8, 3) and im.dtype == np.uint8 for im in images)
+
+
+# --- soak (behind the `slow` marker) ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
+  """A 60-step run interrupted six times (kill -9 and SIGTERM alternating, at random moments)
+  ends bit-identical to the uninterrupted run."""
+  args = ["--config.total_steps=60", "--config.checkpoint_every_steps=5",
+          "--config.eval_every_steps=60"]
+  straight, soaked = str(tmp_path / "straight"), str(tmp_path / "soaked")
+  assert subprocess.run(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+                        capture_output=True, timeout=900).returncode == 0
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    proc = subprocess.Popen(CLI + args + [f"--workdir={soaked}"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(float(rng.uniform(8, 25)))
+    if proc.poll() is not None:
+      break
+    proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
+    code = proc.wait(timeout=120)
+    assert code in (-signal.SIGKILL, train.PREEMPTED_EXIT_CODE), code
+  out = subprocess.run(CLI + args + [f"--workdir={soaked}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  a, b = read_metrics(straight), read_metrics(soaked)
+  assert [a[s]["loss"] for s in range(1, 61)] == [b[s]["loss"] for s in range(1, 61)]
+  for x, y in zip(jax.tree_util.tree_leaves(restore_params(straight, 60)),
+                  jax.tree_util.tree_leaves(restore_params(soaked, 60))):
+    np.testing.assert_array_equal(x, y)

@@ -48,6 +48,7 @@ def plot_probe(path: str, result: dict) -> None:
   if result.get("raw_pixel_test_acc") is not None:
     ax.axhline(100 * result["raw_pixel_test_acc"], ls="--", c="gray",
                label="raw pixels (test)")
+  ax.set_xticks(layers)
   ax.set_xlabel("layer (0 = embeddings)")
   ax.set_ylabel("linear probe accuracy (%)")
   ax.set_title(f"{os.path.basename(os.path.normpath(result['dataset']))}, "

@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   # max_nonfinite_skips skipped steps in all.
   c.nonfinite_policy = "stop"
   c.max_nonfinite_skips = 20
+  # With several processes, how often they agree on a SIGTERM/preemption stop (each agreement
+  # waits for the device); a single process checks every step.
+  c.preemption_check_every_steps = 10
 
   # Devices. -1 means "all remaining devices".
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -274,6 +277,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if c.nonfinite_policy not in ("stop", "skip"):
     _fail("nonfinite_policy", c.nonfinite_policy, "must be 'stop' or 'skip'.")
   _positive_int(c, "max_nonfinite_skips")
+  _positive_int(c, "preemption_check_every_steps")
   _validate_eval(c)
 
   mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))

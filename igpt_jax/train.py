@@ -325,7 +325,15 @@ class _StopFlag:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self, mgr, step: int) -> bool:
+  def should_stop(self, mgr, step: int, every: int) -> bool:
+    """Whether to checkpoint and stop after `step`.
+
+    One process decides alone, every step. Several must agree on the step: they exchange their
+    flags every `every` steps only (a host collective waits for the device, so doing it each
+    step would stop the host from dispatching ahead).
+    """
+    if jax.process_count() > 1 and step % every:
+      return False
     stop = self.requested
     try:  # TPU/SLURM preemption notices through JAX's distributed runtime, where present.
       stop = stop or bool(mgr.reached_preemption(step))
@@ -416,7 +424,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
     state, metrics = trainer.train_step(state, next(data))
     pending.append(metrics)
     is_last = step == c.total_steps
-    preempted = stop_flag.should_stop(mgr, step)
+    preempted = stop_flag.should_stop(mgr, step, c.preemption_check_every_steps)
     checkpoint_now = step % c.checkpoint_every_steps == 0 or is_last or preempted
     if step % c.log_every_steps == 0 or checkpoint_now:
       fetched = jax.device_get(pending)

@@ -3,6 +3,7 @@ checkpoints restored onto another mesh and device count, and a dead peer stops t
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -105,6 +106,31 @@ def test_a_dead_peer_stops_the_other_within_bounded_time(tmp_path, victim):
     code = survivor.wait(timeout=90)  # heartbeat timeout 10 s; a hang fails here
     assert code != 0
     assert time.time() - t0 < 60
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  workdir = str(tmp_path)
+  procs = two_processes([f"--workdir={workdir}", "--config.total_steps=100000",
+                         "--config.checkpoint_every_steps=100000",
+                         "--config.eval_every_steps=100000",
+                         "--config.preemption_check_every_steps=5"], free_port(),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+      assert all(p.poll() is None for p in procs) and time.time() < deadline
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [42, 42], outs[0][-2000:] + outs[1][-2000:]
+    saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
+    assert len(saved) == 1 and saved[0] % 5 == 0
+    assert f"checkpoint saved at step {saved[0]}" in outs[0]
   finally:
     for p in procs:
       if p.poll() is None:

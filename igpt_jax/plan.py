@@ -50,12 +50,10 @@ def per_device_bytes(tree, shardings) -> int:
 
 def plan(config, hbm_gib: float) -> dict:
   """Compiles the train step of `config` on the current devices; returns the figures."""
-  import functools  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
@@ -68,33 +66,15 @@ def plan(config, hbm_gib: float) -> dict:
   warmup = config.warmup_steps if config.warmup_steps >= 0 else 5_000
   schedule = train.lr_schedule(config, warmup)
   tx = train.make_optimizer(config, schedule)
+  abstract, shardings = train.abstract_train_state(model, tx, mesh, config)
+  batch_sharding = sharding.batch_sharding(mesh)
   seq_len = config.image_size**2
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=tx.init(params))
-
+  batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, seq_len), jnp.int32,
+                                          sharding=batch_sharding),
+           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                         sharding=batch_sharding)}
+  step_fn = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
   with sharding.use(mesh, config):
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = sharding.param_shardings(boxed, mesh, config)
-  shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-                                  boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  with sharding.use(mesh, config):
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, seq_len), jnp.int32,
-                                            sharding=batch_sharding),
-             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
-                                           sharding=batch_sharding)}
-    step_fn = jax.jit(
-        functools.partial(train.train_step, apply_fn=train.make_apply_fn(model), tx=tx,
-                          schedule=schedule, objective=config.objective,
-                          mask_prob=config.mask_prob, seed=config.seed,
-                          accum_steps=config.grad_accum_steps),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
     t0 = time.time()
     compiled = step_fn.lower(abstract, batch).compile()
     compile_s = time.time() - t0

@@ -61,22 +61,52 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
   return optax.chain(*chain)
 
 
-def create_train_state(model, tx, mesh, config, rng):
-  """Builds the sharded train state shape-first, so it is never materialised on one device.
-
-  Returns (state, state_shardings).
-  """
+def _state_init_fn(model, tx, config):
+  """rng -> a fresh TrainState whose parameters are boxed with their logical axis names."""
   seq_len = config.image_size**2
 
   def init(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
+  return init
+
+
+def abstract_train_state(model, tx, mesh, config):
+  """(shape-only TrainState of ShapeDtypeStructs carrying their shardings, the shardings).
+
+  Nothing is allocated: `jax.eval_shape` of the init, shardings from the logical axis rules.
+  """
   with sharding.use(mesh, config):
-    boxed = jax.eval_shape(init, rng)
+    boxed = jax.eval_shape(_state_init_fn(model, tx, config), jax.random.PRNGKey(0))
     shardings = sharding.param_shardings(boxed, mesh, config)
+  # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
+  shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                                  boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return checkpointing.abstract_like(shapes, shardings), shardings
+
+
+def create_train_state(model, tx, mesh, config, rng):
+  """Builds the sharded train state shape-first, so it is never materialised on one device.
+
+  Returns (state, state_shardings).
+  """
+  _, shardings = abstract_train_state(model, tx, mesh, config)
+  init = _state_init_fn(model, tx, config)
+  with sharding.use(mesh, config):
     state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
   return state, shardings
+
+
+def jit_train_step(config, model, tx, schedule, mesh, state_shardings):
+  """The jitted `train_step` of `config`: explicit shardings, the state donated."""
+  return jax.jit(
+      functools.partial(train_step, apply_fn=make_apply_fn(model), tx=tx, schedule=schedule,
+                        objective=config.objective, mask_prob=config.mask_prob,
+                        seed=config.seed, skip_nonfinite=config.nonfinite_policy == "skip",
+                        accum_steps=config.grad_accum_steps),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def make_apply_fn(model):
@@ -177,12 +207,8 @@ class Trainer:
                    mask_prob=config.mask_prob)
     batch_sharding = sharding.batch_sharding(self.mesh)
     replicated = sharding.replicated(self.mesh)
-    self._train_step = jax.jit(
-        functools.partial(train_step, tx=self.tx, schedule=self.schedule, seed=config.seed,
-                          skip_nonfinite=config.nonfinite_policy == "skip",
-                          accum_steps=config.grad_accum_steps, **step_kw),
-        in_shardings=(self.state_shardings, batch_sharding),
-        out_shardings=(self.state_shardings, replicated), donate_argnums=(0,))
+    self._train_step = jit_train_step(config, self.model, self.tx, self.schedule, self.mesh,
+                                      self.state_shardings)
     self._eval_step = jax.jit(
         functools.partial(eval_step, **step_kw),
         in_shardings=(self.state_shardings.params, batch_sharding, replicated),

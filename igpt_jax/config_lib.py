@@ -331,7 +331,7 @@ def _validate_eval(c) -> None:
   for field in ("batch_size", "finetune_batch_size"):
     v = e[field]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-      _fail(f"eval.{field}", v, f"must be >= 0 (0 = config.batch_size).")
+      _fail(f"eval.{field}", v, "must be >= 0 (0 = config.batch_size).")
   if not (isinstance(e.finetune_learning_rate, (int, float)) and e.finetune_learning_rate > 0):
     _fail("eval.finetune_learning_rate", e.finetune_learning_rate, "must be a positive number.")
   if e.finetune_clf_weight < 0:

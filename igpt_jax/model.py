@@ -265,7 +265,6 @@ class IGPT(nn.Module):
     if not cfg.causal:
       raise ValueError("decode=True needs a next-pixel (causal) model; masked-pixel models are "
                        "sampled by iterative infilling (igpt_jax.sampling.infill).")
-    batch = prev_tokens.shape[0]
     index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
     i = index.value
     index.value = i + 1

@@ -8,8 +8,10 @@ skipped, unless $IGPT_REQUIRE_DATA=1 (set by .ci/run), where they fail.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -47,6 +49,34 @@ def tfds_dir() -> str:
   return path
 
 
+def override(config, overrides: dict):
+  """Sets dotted fields (`"model.width": 64`) of a ConfigDict; returns it."""
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      target = target[part]
+    target[leaf] = value
+  return config
+
+
+def metrics_by_step(workdir) -> dict:
+  """{step: row} of workdir/metrics.jsonl; a step logged twice (before a crash and after the
+  resume) keeps the last."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
+
+
+def wait_for_logged_steps(workdir, count: int, procs, timeout: float = 240) -> None:
+  """Waits until `count` steps are in workdir/metrics.jsonl, every process still running."""
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= count):
+    assert all(p.poll() is None for p in procs), "a training process exited early"
+    assert time.time() < deadline, f"fewer than {count} steps logged in {timeout} s"
+    time.sleep(0.05)
+
+
 def tiny_config(**overrides):
   """A 2-layer, width-64 next-pixel model at 16x16 with a 64-color palette."""
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -67,13 +97,7 @@ def tiny_config(**overrides):
   c.checkpoint_every_steps = 5
   c.shuffle_buffer = 1_000
   c.num_samples = 0
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 @pytest.fixture
@@ -93,12 +117,7 @@ def quickstart_config(workdir=None, **overrides):
   c = module.get_config()
   c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 120, 120, 60
   c.warmup_steps, c.log_every_steps, c.num_samples = 20, 60, 0
-  for key, value in overrides.items():
-    target = c
-    *parents, leaf = key.split(".")
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
+  override(c, overrides)
   if "warmup_steps" not in overrides:
     c.warmup_steps = min(c.warmup_steps, c.total_steps // 2)
   return c

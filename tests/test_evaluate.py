@@ -20,7 +20,6 @@ from igpt_jax import features as features_lib
 from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
 from igpt_jax import probe
-from igpt_jax import train
 
 
 # --- the probe itself ------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Faults: kill -9 and exact resume, SIGTERM, damaged checkpoints, non-finite steps."""
 
 import glob
-import json
 import os
 import shutil
 import signal
@@ -14,19 +13,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import metrics_by_step
 from conftest import quickstart_config
+from conftest import wait_for_logged_steps
 from igpt_jax import checkpointing
 from igpt_jax import input_pipeline
 from igpt_jax import train
 
 CLI = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
        "--config.warmup_steps=2", "--config.num_samples=0", "--config.log_every_steps=1"]
-
-
-def read_metrics(workdir):
-  """{step: row}; a step logged twice (before a crash and after the resume) keeps the last."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {row["step"]: row for row in map(json.loads, f)}
 
 
 def restore_params(workdir, step):
@@ -75,7 +70,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   resumed_from = int(out.stdout.split("Resumed from checkpoint at step ")[1].split(".")[0])
   assert resumed_from in (4, 8)
-  a, b = read_metrics(straight), read_metrics(killed)
+  a, b = metrics_by_step(straight), metrics_by_step(killed)
   assert sorted(a) == sorted(b) == list(range(1, 13))
   for step in range(1, 13):
     assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
@@ -91,18 +86,14 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
           "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
   proc = subprocess.Popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 240
-  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-    assert proc.poll() is None and time.time() < deadline
-    time.sleep(0.05)
+  wait_for_logged_steps(workdir, 3, [proc])
   proc.send_signal(signal.SIGTERM)
   stdout, _ = proc.communicate(timeout=60)
   assert proc.returncode == train.PREEMPTED_EXIT_CODE == 42, stdout[-2000:]
   saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))]
   assert len(saved) == 1 and saved[0] >= 3
   assert f"checkpoint saved at step {saved[0]}" in stdout
-  assert max(read_metrics(workdir)) == saved[0]  # the last step was logged, then saved
+  assert max(metrics_by_step(workdir)) == saved[0]  # the last step was logged, then saved
   out = subprocess.run(CLI + [f"--workdir={workdir}", f"--config.total_steps={saved[0] + 2}",
                               "--config.eval_every_steps=1000"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -206,7 +197,7 @@ def test_nonfinite_steps_are_skipped_by_config_then_bounded(tmp_path):
   config = exploding(nonfinite_policy="skip", max_nonfinite_skips=3)
   with pytest.raises(FloatingPointError, match="4 non-finite steps skipped .*step 5"):
     train.train_and_evaluate(config, workdir)
-  rows = read_metrics(workdir)
+  rows = metrics_by_step(workdir)
   assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
   # Steps 2-4 were skipped: the parameters stayed exactly as step 1 made them (finite), and the
   # checkpoints of those steps hold them.
@@ -269,7 +260,7 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
   out = subprocess.run(CLI + args + [f"--workdir={soaked}"], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  a, b = read_metrics(straight), read_metrics(soaked)
+  a, b = metrics_by_step(straight), metrics_by_step(soaked)
   assert [a[s]["loss"] for s in range(1, 61)] == [b[s]["loss"] for s in range(1, 61)]
   for x, y in zip(jax.tree_util.tree_leaves(restore_params(straight, 60)),
                   jax.tree_util.tree_leaves(restore_params(soaked, 60))):

@@ -1,7 +1,6 @@
 """Two processes on 127.0.0.1 (gloo, 2 CPU devices each): same losses as one process, sharded
 checkpoints restored onto another mesh and device count, and a dead peer stops the other."""
 
-import json
 import os
 import signal
 import socket
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import metrics_by_step
+from conftest import wait_for_logged_steps
 
 BASE = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
         "--config.warmup_steps=2", "--config.num_samples=0", "--config.log_every_steps=1"]
@@ -42,11 +43,7 @@ def two_processes(args, port, **popen_kw):
 
 
 def losses(workdir):
-  rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for row in map(json.loads, f):
-      rows[row["step"]] = row["loss"]
-  return rows
+  return {step: row["loss"] for step, row in metrics_by_step(workdir).items()}
 
 
 def run_one(args, devices):
@@ -95,11 +92,7 @@ def test_a_dead_peer_stops_the_other_within_bounded_time(tmp_path, victim):
                          "--config.eval_every_steps=100000"], free_port(),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-      assert all(p.poll() is None for p in procs) and time.time() < deadline
-      time.sleep(0.1)
+    wait_for_logged_steps(workdir, 2, procs)
     procs[victim].kill()
     t0 = time.time()
     survivor = procs[1 - victim]
@@ -120,11 +113,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
                          "--config.preemption_check_every_steps=5"], free_port(),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   try:
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
-      assert all(p.poll() is None for p in procs) and time.time() < deadline
-      time.sleep(0.1)
+    wait_for_logged_steps(workdir, 2, procs)
     procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [42, 42], outs[0][-2000:] + outs[1][-2000:]

@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4
   c.model.dtype = "float32"  # compute dtype; master weights stay float32.
   c.model.remat_policy = "none"
+  # Attention kernel (igpt_jax/attention.py; all exact): "auto" = the fused cuDNN kernel on a
+  # GPU with bfloat16 compute, else "blockwise" (flash-style, causal blocks skipped, no
+  # length^2 tensor kept); "dense" is the plain reference; "cudnn" forces the GPU kernel.
+  c.model.attention = "auto"
+  c.model.attention_block = 128  # query block of the blockwise kernel.
 
   # Optimisation (paper: Adam b2 0.95, no weight decay, one-epoch warmup, cosine to 0).
   c.batch_size = 128  # global.
@@ -243,6 +248,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   from igpt_jax.model import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
   if c.model.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", c.model.remat_policy, f"must be one of {REMAT_POLICIES}.")
+  _validate_attention(c)
   if not 0.0 < c.mask_prob < 1.0:
     _fail("mask_prob", c.mask_prob, "must be in (0, 1); the paper masks 15% of pixels.")
   if not 0.0 <= c.holdout_fraction < 1.0:
@@ -302,6 +308,24 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   for name in ("vocab", "length", "embed", "heads", "kv", "mlp", "layers", "act_batch"):
     if name not in rule_names:
       _fail("logical_axis_rules", "...", f"has no rule for the logical axis {name!r}.")
+
+
+def _validate_attention(c) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from igpt_jax.attention import IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top
+  impl = c.model.get("attention", "auto")
+  if impl not in IMPLEMENTATIONS:
+    _fail("model.attention", impl, f"must be one of {IMPLEMENTATIONS}.")
+  if impl == "cudnn":
+    if jax.default_backend() != "gpu":
+      _fail("model.attention", impl, f"needs an NVIDIA GPU (this backend is "
+            f"{jax.default_backend()!r}); use 'auto' or 'blockwise'.")
+    if c.model.dtype != "bfloat16":
+      _fail("model.attention", impl, "cuDNN's fused attention needs model.dtype='bfloat16'; "
+            "set it, or use 'blockwise' for float32.")
+  block = c.model.get("attention_block", 128)
+  if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    _fail("model.attention_block", block, "must be a positive int (128 suits CPUs).")
 
 
 def eval_tasks(c) -> list[str]:

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from igpt_jax import attention as attention_lib
+
 NORM_EPS = 1e-5
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
 
@@ -42,6 +44,8 @@ class ModelConfig:
   causal: bool = True
   dtype: str = "float32"  # compute dtype; parameters are always float32.
   remat_policy: str = "none"
+  attention: str = "auto"  # igpt_jax.attention.IMPLEMENTATIONS; all exact.
+  attention_block: int = 128  # query block of the blockwise attention kernel.
   # Autoregressive decoding, one position per call, with a key/value cache in the `cache`
   # collection (see `IGPT`). Parameters are the same as without it.
   decode: bool = False
@@ -67,6 +71,9 @@ def model_config_from(config) -> ModelConfig:
       causal=config.objective == "next_pixel",
       dtype=config.model.dtype,
       remat_policy=config.model.remat_policy,
+      # .get: configs saved before these fields existed (a converted run's config.json).
+      attention=config.model.get("attention", "auto"),
+      attention_block=config.model.get("attention_block", 128),
   )
 
 
@@ -96,24 +103,6 @@ class Norm(nn.Module):
     return (y * g).astype(x.dtype)
 
 
-def attention(q, k, v, mask: Optional[jax.Array]):
-  """Dense multi-head attention.
-
-  q: [batch, q_length, heads, head_dim]; k, v: [batch, kv_length, heads, head_dim];
-  mask: bool [q_length, kv_length] (True = may attend) or None for no mask.
-  """
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # [batch, q_length, heads, head_dim]
-
-
-def causal_mask(length: int) -> jax.Array:
-  return jnp.tril(jnp.ones((length, length), dtype=bool))
-
-
 class Attention(nn.Module):
   cfg: ModelConfig
 
@@ -132,9 +121,10 @@ class Attention(nn.Module):
     q, k, v = project("query"), project("key"), project("value")
     if cfg.decode:
       k, v, mask = self._update_cache(k, v)
+      out = attention_lib.dense(q, k, v, mask)
     else:
-      mask = causal_mask(x.shape[1]) if cfg.causal else None
-    out = attention(q, k, v, mask)
+      out = attention_lib.attention(q, k, v, causal=cfg.causal, impl=cfg.attention,
+                                    block=cfg.attention_block)
     out_std = 1.0 / math.sqrt(cfg.width * cfg.num_layers)
     w_out = self.param("out", _init(out_std, ("heads", "kv", "embed")),
                        (cfg.num_heads, cfg.head_dim, cfg.width), jnp.float32)
@@ -161,18 +151,64 @@ class Attention(nn.Module):
     return cached_k.value, cached_v.value, mask
 
 
+@jax.custom_vjp
+def mlp(x, w_fc, w_proj):
+  """quick_gelu(x @ w_fc) @ w_proj. x: [batch, length, embed]; w_fc: [embed, mlp].
+
+  The same function as composing the ops; its hand-written backward keeps only x and the
+  pre-activation (autodiff of quick_gelu keeps three [batch, length, mlp] tensors) and computes
+  the weight gradients in the operand order the CPU compiler lays out without a transposed
+  copy of the [batch, length, mlp] gradient: 1.6x faster training steps on a CPU at the
+  bench/train_step.py reference shape, no change on numbers beyond rounding.
+  """
+  return _mlp_fwd(x, w_fc, w_proj)[0]
+
+
+def _mlp_hidden(h):
+  return constrain(h, ("act_batch", "act_length", "act_mlp"))
+
+
+def _mlp_fwd(x, w_fc, w_proj):
+  h = _mlp_hidden(jnp.einsum("bld,dm->blm", x, w_fc))
+  return jnp.einsum("blm,md->bld", quick_gelu(h), w_proj), (x, h, w_fc, w_proj)
+
+
+def _mlp_bwd(residuals, dy):
+  x, h, w_fc, w_proj = residuals
+  s = jax.nn.sigmoid(1.702 * h)
+  d_proj = jnp.einsum("bld,blm->dm", dy, h * s).T
+  da = _mlp_hidden(jnp.einsum("bld,md->blm", dy, w_proj))
+  dh = da * (s + 1.702 * h * s * (1 - s))  # d quick_gelu / dh
+  d_fc = jnp.einsum("bld,blm->dm", x, dh)
+  dx = jnp.einsum("blm,dm->bld", dh, w_fc)
+  return dx, d_fc, d_proj
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+class Kernel(nn.Module):
+  """A bare weight matrix, named like `nn.Dense`'s (`<name>/kernel`)."""
+
+  shape: tuple[int, int]
+  names: tuple[str, str]
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", _init(0.02, self.names), self.shape, jnp.float32)
+
+
 class Mlp(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):  # x: [batch, length, embed]
     cfg = self.cfg
-    h = nn.Dense(cfg.mlp_ratio * cfg.width, use_bias=False,
-                 kernel_init=_init(0.02, ("embed", "mlp")),
-                 dtype=cfg.compute_dtype, param_dtype=jnp.float32, name="fc")(x)
-    h = constrain(quick_gelu(h), ("act_batch", "act_length", "act_mlp"))
-    return nn.Dense(cfg.width, use_bias=False, kernel_init=_init(0.02, ("mlp", "embed")),
-                    dtype=cfg.compute_dtype, param_dtype=jnp.float32, name="proj")(h)
+    dtype = cfg.compute_dtype
+    hidden = cfg.mlp_ratio * cfg.width
+    w_fc = Kernel((cfg.width, hidden), ("embed", "mlp"), name="fc")()
+    w_proj = Kernel((hidden, cfg.width), ("mlp", "embed"), name="proj")()
+    return mlp(x.astype(dtype), w_fc.astype(dtype), w_proj.astype(dtype))
 
 
 class Block(nn.Module):

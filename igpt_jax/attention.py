@@ -35,9 +35,14 @@ def resolve(impl: str, dtype) -> str:
   """The implementation `auto` stands for on the current backend."""
   if impl != "auto":
     return impl
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if on_nvidia_gpu() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
   return "blockwise"
+
+
+def on_nvidia_gpu() -> bool:
+  device = jax.devices()[0]
+  return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
 
 
 def causal_mask(length: int) -> jax.Array:

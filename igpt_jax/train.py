@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
 from igpt_jax import config_lib
+from igpt_jax import flops
 from igpt_jax import images as images_lib
 from igpt_jax import input_pipeline
 from igpt_jax import metric_writer
@@ -202,6 +203,7 @@ class Trainer:
     self.state, self.state_shardings = create_train_state(
         self.model, self.tx, self.mesh, config, jax.random.PRNGKey(config.seed))
     self.num_params = model_lib.count_params(self.state.params)
+    self.flops_per_token = flops.train_flops_per_token_of(self.model_cfg)
     step_kw = dict(apply_fn=self.apply_fn, objective=config.objective,
                    mask_prob=config.mask_prob)
     batch_sharding = sharding.batch_sharding(self.mesh)
@@ -390,6 +392,16 @@ def _check_finite(fetched: list, first_step: int, config, skipped_so_far: int) -
   return len(bad)
 
 
+def throughput(tokens_per_sec: float, flops_per_token: float, config) -> dict:
+  """Model TFLOP/s per device (igpt_jax/flops.py) and, given the device's peak, MFU."""
+  per_device = tokens_per_sec * flops_per_token / jax.device_count() / 1e12
+  out = {"model_tflops_per_device": per_device}
+  peak = config.get("peak_tflops_per_device", 0.0)
+  if peak > 0:
+    out["mfu"] = per_device / peak
+  return out
+
+
 def _mean(fetched: list, key: str) -> float:
   values = np.asarray([float(m[key]) for m in fetched])
   finite = values[np.isfinite(values)]
@@ -458,6 +470,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       last["skipped_steps"] = skipped
       now = time.time()
       last["tokens_per_sec"] = len(pending) * c.batch_size * seq_len / max(now - t_last, 1e-9)
+      last.update(throughput(last["tokens_per_sec"], trainer.flops_per_token, c))
       pending, t_last = [], now
       if step % c.eval_every_steps == 0 or is_last:
         val = trainer.evaluate(state.params, "validation", c.eval_batches)
@@ -467,9 +480,11 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       eta = elapsed / (step - start) * (c.total_steps - step)
       val_txt = f" | val bits/dim {last['val_bits_per_dim']:.4f}" if "val_loss" in last else ""
       skip_txt = f" | {skipped} skipped" if skipped else ""
+      mfu_txt = f" | MFU {100 * last['mfu']:.1f}%" if "mfu" in last else ""
       log(f"step {step}/{c.total_steps} | loss {last['loss']:.4f} | bits/dim "
           f"{last['bits_per_dim']:.4f}{val_txt}{skip_txt} | {last['tokens_per_sec']:,.0f} "
-          f"tokens/s | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+          f"tokens/s | {last['model_tflops_per_device']:.3g} TFLOP/s/device{mfu_txt} | "
+          f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
     if checkpoint_now and saved_step != step:
       checkpointing.save(mgr, step, state)
       saved_step = step

@@ -88,7 +88,7 @@ def test_blockwise_keeps_no_batch_heads_length_squared_tensor():
   assert temp_bytes("blockwise") < scores_bytes / 4  # inputs, grads and one block of scores
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.skipif(not attention.on_nvidia_gpu(), reason="cuDNN attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("causal", [True, False])
 def test_cudnn_matches_plain_path(causal):
   """The fused cuDNN kernel against the plain path on the same bfloat16 inputs."""
@@ -103,7 +103,7 @@ def test_cudnn_matches_plain_path(causal):
 
 
 def test_auto_resolves_by_backend():
-  expected = "cudnn" if jax.default_backend() == "gpu" else "blockwise"
+  expected = "cudnn" if attention.on_nvidia_gpu() else "blockwise"
   assert attention.resolve("auto", jnp.bfloat16) == expected
   assert attention.resolve("auto", jnp.float32) == "blockwise"
   assert attention.resolve("dense", jnp.bfloat16) == "dense"

@@ -1,5 +1,6 @@
 """Config validation: every bad field fails before anything compiles, naming the field."""
 
+import jax
 import pytest
 
 from conftest import tiny_config
@@ -15,6 +16,9 @@ BAD = [
     ({"model.num_layers": 0}, 1, "model.num_layers=0.*positive integer"),
     ({"model.dtype": "float16"}, 1, "model.dtype='float16'"),
     ({"model.remat_policy": "some"}, 1, "model.remat_policy='some'"),
+    ({"model.attention": "flash"}, 1, "model.attention=.flash."),
+    ({"model.attention_block": 0}, 1, "model.attention_block=0"),
+    ({"peak_tflops_per_device": -1.0}, 1, "peak_tflops_per_device=-1.0"),
     ({"mask_prob": 1.5}, 1, "mask_prob=1.5"),
     ({"holdout_fraction": 1.0}, 1, "holdout_fraction=1.0"),
     ({"learning_rate": -1.0}, 1, "learning_rate=-1.0"),
@@ -56,3 +60,22 @@ def test_good_configs_pass():
   config_lib.validate(tiny_config(**{"mesh.data": 2, "mesh.tensor": 2}), 4)
   assert config_lib.resolve_mesh_shape(tiny_config().mesh, 8) == (8, 1, 1)
   assert config_lib.resolve_mesh_shape(tiny_config(**{"mesh.fsdp": 2}).mesh, 8) == (4, 2, 1)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform == "gpu", reason="checks the message off a GPU")
+def test_cudnn_attention_off_a_gpu_says_what_to_use():
+  config = tiny_config(**{"model.attention": "cudnn", "model.dtype": "bfloat16"})
+  with pytest.raises(config_lib.ConfigError, match="model.attention='cudnn'.*needs an NVIDIA GPU"
+                     ".*'blockwise'"):
+    config_lib.validate(config, 1)
+
+
+def test_configs_saved_before_the_attention_fields_still_load():
+  """A converted run's config.json from before model.attention existed builds the model."""
+  from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  with config.unlocked():
+    del config.model["attention"], config.model["attention_block"]
+    del config["peak_tflops_per_device"]
+  config_lib.validate(config, 1)
+  assert model_lib.model_config_from(config).attention == "auto"

@@ -123,13 +123,22 @@ def _blockwise_local(q, k, v, *, causal: bool, block: int):
   return out.reshape(batch, heads, length, head_dim).transpose(0, 2, 1, 3)
 
 
+def _visible_keys(i: int, block: int, causal: bool, length: int) -> int:
+  """How many keys query block i may see: those up to its last query, or all."""
+  return (i + 1) * block if causal else length
+
+
+def _visible(i: int, block: int, kv: int):
+  """bool [block, kv]: query i * block + r may see key c (c <= its position)."""
+  return jnp.arange(i * block, i * block + block)[:, None] >= jnp.arange(kv)[None, :]
+
+
 def _block_scores(q_blk, k, i: int, block: int, causal: bool):
   """float32 scores of query block i [g, block, kv] over the keys it may see, kv its count."""
-  kv = (i + 1) * block if causal else k.shape[1]
+  kv = _visible_keys(i, block, causal, k.shape[1])
   s = jnp.einsum("gqd,gkd->gqk", q_blk, k[:, :kv], preferred_element_type=jnp.float32)
   if causal:
-    visible = jnp.arange(i * block, kv)[:, None] >= jnp.arange(kv)[None, :]
-    s = jnp.where(visible, s, _MASKED)
+    s = jnp.where(_visible(i, block, kv), s, _MASKED)
   return s, kv
 
 
@@ -163,11 +172,10 @@ def _backward_group(q, k, v, out, lse, d_out, causal, block):
   dv = jnp.zeros(v.shape, f32)
   for i in range(q.shape[1] // block):
     rows = slice(i * block, (i + 1) * block)
-    kv = (i + 1) * block if causal else k.shape[1]
+    kv = _visible_keys(i, block, causal, k.shape[1])
     s_t = jnp.einsum("gkd,gqd->gkq", k[:, :kv], q[:, rows], preferred_element_type=f32)
     if causal:
-      s_t = jnp.where(jnp.arange(kv)[:, None] <= jnp.arange(i * block, kv)[None, :], s_t,
-                      _MASKED)
+      s_t = jnp.where(_visible(i, block, kv).T, s_t, _MASKED)
     p_t = jnp.exp(s_t - jnp.swapaxes(lse[:, rows], 1, 2))  # [g, kv, block]
     do = d_out[:, rows]
     dv = dv.at[:, :kv].add(jnp.einsum("gkq,gqd->gkd", p_t.astype(do.dtype), do,

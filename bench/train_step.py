@@ -84,10 +84,7 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  model_cfg = model_lib.model_config_from(config)
-  model = model_lib.IGPT(model_cfg)
-  schedule = train.lr_schedule(config, max(config.warmup_steps, 1))
-  tx = train.make_optimizer(config, schedule)
+  model, schedule, tx = train.model_and_optimizer(config, max(config.warmup_steps, 1))
   state, shardings = train.create_train_state(model, tx, mesh, config, jax.random.PRNGKey(0))
   step_fn = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
   seq_len = config.image_size**2
@@ -124,7 +121,7 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
       "compile_s": compile_s,
       "step_s": step_s,
       "tokens_per_s": tokens / step_s,
-      "flops_per_token": flops.train_flops_per_token_of(model_cfg),
+      "flops_per_token": flops.train_flops_per_token_of(model.cfg),
       "compiled_bytes_per_device": compiled_bytes,
       "allocator_peak_bytes": stats.get("peak_bytes_in_use"),
       "loss": loss,

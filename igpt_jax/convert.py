@@ -228,12 +228,10 @@ def _model_state(config):
   """(model, optimizer, fresh train state, shardings) of `config`, without opening its data."""
   import jax  # pylint: disable=g-import-not-at-top
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, jax.device_count())
-  model = model_lib.IGPT(model_lib.model_config_from(config))
-  tx = train.make_optimizer(config, train.lr_schedule(config, max(config.warmup_steps, 0)))
+  model, _, tx = train.model_and_optimizer(config, max(config.warmup_steps, 0))
   state, shardings = train.create_train_state(model, tx, sharding.make_mesh(config), config,
                                               jax.random.PRNGKey(config.seed))
   return model, tx, state, shardings

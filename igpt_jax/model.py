@@ -77,9 +77,12 @@ def model_config_from(config) -> ModelConfig:
   )
 
 
+GELU_SLOPE = 1.702
+
+
 def quick_gelu(x):
   """iGPT's activation: x * sigmoid(1.702 x) (not the tanh/erf GELU)."""
-  return x * jax.nn.sigmoid(1.702 * x)
+  return x * jax.nn.sigmoid(GELU_SLOPE * x)
 
 
 def _init(std, names):
@@ -175,10 +178,10 @@ def _mlp_fwd(x, w_fc, w_proj):
 
 def _mlp_bwd(residuals, dy):
   x, h, w_fc, w_proj = residuals
-  s = jax.nn.sigmoid(1.702 * h)
-  d_proj = jnp.einsum("bld,blm->dm", dy, h * s).T
+  s = jax.nn.sigmoid(GELU_SLOPE * h)
+  d_proj = jnp.einsum("bld,blm->dm", dy, h * s).T  # h * s = quick_gelu(h)
   da = _mlp_hidden(jnp.einsum("bld,md->blm", dy, w_proj))
-  dh = da * (s + 1.702 * h * s * (1 - s))  # d quick_gelu / dh
+  dh = da * (s + GELU_SLOPE * h * s * (1 - s))  # d quick_gelu / dh
   d_fc = jnp.einsum("bld,blm->dm", x, dh)
   dx = jnp.einsum("blm,dm->bld", dh, w_fc)
   return dx, d_fc, d_proj

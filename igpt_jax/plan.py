@@ -62,10 +62,8 @@ def plan(config, hbm_gib: float) -> dict:
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  model = model_lib.IGPT(model_lib.model_config_from(config))
   warmup = config.warmup_steps if config.warmup_steps >= 0 else 5_000
-  schedule = train.lr_schedule(config, warmup)
-  tx = train.make_optimizer(config, schedule)
+  model, schedule, tx = train.model_and_optimizer(config, warmup)
   abstract, shardings = train.abstract_train_state(model, tx, mesh, config)
   batch_sharding = sharding.batch_sharding(mesh)
   seq_len = config.image_size**2

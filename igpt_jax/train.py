@@ -51,6 +51,13 @@ def lr_schedule(config, warmup: int):
       decay_steps=max(config.total_steps, warmup + 1), end_value=0.0)
 
 
+def model_and_optimizer(config, warmup: int):
+  """(model, learning-rate schedule, optimizer) of `config`, warming up over `warmup` steps."""
+  model = model_lib.IGPT(model_lib.model_config_from(config))
+  schedule = lr_schedule(config, warmup)
+  return model, schedule, make_optimizer(config, schedule)
+
+
 def make_optimizer(config, schedule) -> optax.GradientTransformation:
   """Adam(b1, b2=0.95) with decoupled weight decay (0 in the paper) and global-norm clipping."""
   chain = []
@@ -194,12 +201,10 @@ class Trainer:
     self.local_batch = sharding.local_batch_size(config)
     self.source = input_pipeline.open_source(config)
     self.centers = self._palette()
-    self.model_cfg = model_lib.model_config_from(config)
-    self.model = model_lib.IGPT(self.model_cfg)
-    self.apply_fn = make_apply_fn(self.model)
     self.warmup = warmup_steps(config, self.source.split_sizes["train"])
-    self.schedule = lr_schedule(config, self.warmup)
-    self.tx = make_optimizer(config, self.schedule)
+    self.model, self.schedule, self.tx = model_and_optimizer(config, self.warmup)
+    self.model_cfg = self.model.cfg
+    self.apply_fn = make_apply_fn(self.model)
     self.state, self.state_shardings = create_train_state(
         self.model, self.tx, self.mesh, config, jax.random.PRNGKey(config.seed))
     self.num_params = model_lib.count_params(self.state.params)

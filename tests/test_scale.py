@@ -14,16 +14,13 @@ import pytest
 from conftest import REPO
 from conftest import tiny_config
 from igpt_jax import distributed
-from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax import train
 
 
 def test_gradient_accumulation_equals_the_full_batch():
   config = tiny_config()
-  model = model_lib.IGPT(model_lib.model_config_from(config))
-  schedule = train.lr_schedule(config, 2)
-  tx = train.make_optimizer(config, schedule)
+  model, schedule, tx = train.model_and_optimizer(config, 2)
   mesh = sharding.make_mesh(config)
   state, _ = train.create_train_state(model, tx, mesh, config, jax.random.PRNGKey(0))
   # A non-zero head, so that the loss and every gradient depend on the whole model.

@@ -8,8 +8,8 @@ allocated), in its own process (the fake device count is fixed when jax starts).
 """
 
 import argparse
+import json
 import os
-import re
 import subprocess
 import sys
 
@@ -44,20 +44,17 @@ ROWS = [
 def plan_row(row) -> str:
   model, devices_label, devices, hbm, config, overrides, settings = row
   cmd = [sys.executable, "-m", "igpt_jax.plan", f"--config=configs/{config}.py",
-         f"--devices={devices}", f"--hbm_gib={hbm}"] + [f"--config.{o}" for o in overrides]
+         f"--devices={devices}", f"--hbm_gib={hbm}", "--json"]
+  cmd += [f"--config.{o}" for o in overrides]
   out = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=900)
   if out.returncode:
     return f"| {model} | {devices_label} | failed: {out.stderr.strip().splitlines()[-1]} |"
-  text = out.stdout
-  mesh = re.search(r"\(data (\d+) x fsdp (\d+) x tensor (\d+)\)", text).groups()
-  params, opt, temp, total = (float(x) for x in re.search(
-      r"parameters ([\d.]+) GiB \| optimizer ([\d.]+) GiB \| activations & temporaries "
-      r"([\d.]+) GiB \| total ([\d.]+) GiB", text).groups())
-  verdict = "fits" if " fits in " in text else "does not fit"
-  compile_s = re.search(r"compiled in (\d+)s", text).group(1)
-  return (f"| {model} | {devices_label} | {' × '.join(mesh)} | {settings} | "
-          f"{params + opt:.2f} GiB | {temp:.2f} GiB | {total:.2f} GiB | {verdict} | "
-          f"{compile_s} s |")
+  p = json.loads(out.stdout.strip().splitlines()[-1])
+  mesh = " × ".join(str(n) for n in p["mesh"].values())
+  state = p["params_gib_per_device"] + p["optimizer_gib_per_device"]
+  return (f"| {model} | {devices_label} | {mesh} | {settings} | {state:.2f} GiB | "
+          f"{p['temp_gib_per_device']:.2f} GiB | {p['total_gib_per_device']:.2f} GiB | "
+          f"{'fits' if p['fits'] else 'does not fit'} | {p['compile_s']:.0f} s |")
 
 
 def main():

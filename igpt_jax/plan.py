@@ -1,7 +1,7 @@
 r"""Memory plan of a config on a device count you do not have: compile, allocate nothing.
 
   python -m igpt_jax.plan --config=configs/xl.py --devices=256 \
-      [--config.mesh.fsdp=64 --config.mesh.tensor=4] [--hbm_gib=16]
+      [--config.mesh.fsdp=64 --config.mesh.tensor=4] [--hbm_gib=16] [--json]
 
 Builds `--devices` fake CPU devices, the config's mesh over them, abstract (shape-only) train
 state and batch with their shardings, lowers and compiles the real train step, and prints the
@@ -11,6 +11,7 @@ The figures are the CPU compiler's; an accelerator's compiler schedules differen
 margin (the README's recommendations keep about 20%).
 """
 
+import json
 import os
 import sys
 
@@ -22,6 +23,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The config to plan for.", lock_config=True)
 flags.DEFINE_integer("devices", 8, "Number of devices to plan for (faked on the CPU).")
 flags.DEFINE_float("hbm_gib", 16.0, "Memory per device, GiB (v5e 16, v4 32, H100 80).")
+flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of text.")
 flags.mark_flags_as_required(["config"])
 
 GIB = 1024**3
@@ -119,8 +121,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _fake_devices(FLAGS.devices)
   from igpt_jax import cli  # pylint: disable=g-import-not-at-top
+  render = json.dumps if FLAGS.json else format_plan
   cli.run_reporting_user_errors(
-      lambda c: print(format_plan(plan(c, FLAGS.hbm_gib)), flush=True), FLAGS.config)
+      lambda c: print(render(plan(c, FLAGS.hbm_gib)), flush=True), FLAGS.config)
 
 
 if __name__ == "__main__":

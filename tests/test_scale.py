@@ -87,6 +87,14 @@ def test_plan_cli(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "800,000 parameters on 4 devices (data 1 x fsdp 4 x tensor 1)" in out.stdout
   assert "DOES NOT FIT in 0.001 GiB" in out.stdout
+  as_json = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
+                            "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
+                            "--hbm_gib=0.001", "--json"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert as_json.returncode == 0, as_json.stderr[-3000:]
+  p = json.loads(as_json.stdout.strip().splitlines()[-1])
+  assert p["parameters"] == 800_000 and p["fits"] is False and p["hbm_gib"] == 0.001
+  assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   bad = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
                         "--devices=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "batch_size=64" in bad.stderr and "Traceback" not in bad.stderr

@@ -41,15 +41,39 @@ def quarantine(mgr: ocp.CheckpointManager, workdir: str, step: int) -> str:
   return dst
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state) -> None:
-  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+def save(mgr: ocp.CheckpointManager, step: int, state, next_index: int) -> None:
+  """Saves the train state and the data position (the next global stream index) as one step."""
+  mgr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({"next_index": int(next_index)})))
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+  """Restores `step` onto the shardings carried by `abstract_state` (ShapeDtypeStructs).
+
+  Arrays are read straight into their sharded buffers: nothing else is allocated first.
+  """
   restored = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"]
+
+
+def restore_params(mgr: ocp.CheckpointManager, step: int, abstract_params):
+  """Restores only the parameters of `step` (orbax partial restore: no optimizer state)."""
+  item = {"params": abstract_params}
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  return restored["state"]["params"]
+
+
+def data_position(mgr: ocp.CheckpointManager, step: int):
+  """The next global stream index saved with `step`; None for checkpoints written before the
+  data position was saved (they resume from step x batch size)."""
+  if not os.path.isdir(os.path.join(str(mgr.directory), str(step), "data")):
+    return None
+  restored = mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+  return int(restored["data"]["next_index"])
 
 
 def abstract_like(tree, shardings):

@@ -53,11 +53,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.train_crop_fraction = (1.0, 1.0)  # random square crop side, as a fraction of the short side.
   c.train_flip = False
-  c.shuffle_buffer = 16_384
-  c.cache_data = True  # keep the encoded split in memory (small datasets).
-  # "global": the same global batches for any number of processes (each reads all encoded
-  # examples, decodes its own); "per_process": each process reads only its shard.
-  c.input_order = "global"
+  # Input (igpt_jax/input_pipeline.py, grain): records are decoded, augmented and quantised in
+  # `input_threads` reader threads of each process, `input_prefetch` batches ahead; with
+  # `input_workers` > 0, in that many worker processes as well (decoding large JPEGs, e.g.
+  # ImageNet, on hosts with cores to spare).
+  c.input_threads = 4
+  c.input_prefetch = 8
+  c.input_workers = 0
 
   # Palette. "" = `workdir/palette.npy`, fitted on the train split when missing.
   c.palette_size = 512
@@ -180,9 +182,9 @@ def imagenet_config() -> ml_collections.ConfigDict:
   # Paper: random short side in [256, 384], random 224 crop -> crop side is 58%-88% of the
   # short side, then an area downsample to the model resolution. Eval: centre crop.
   c.train_crop_fraction = (224 / 384, 224 / 256)
-  c.cache_data = False
-  c.input_order = "per_process"
-  c.shuffle_buffer = 50_000
+  c.input_threads = 16
+  c.input_prefetch = 16
+  c.input_workers = 8
   return c
 
 
@@ -234,7 +236,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 "model.width", "model.num_heads", "model.mlp_ratio", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints",
                 "palette_fit_images", "palette_fit_pixels", "palette_fit_iterations",
-                "shuffle_buffer"):
+                "input_threads", "input_prefetch"):
     _positive_int(c, field)
   if c.palette_size < 2:
     _fail("palette_size", c.palette_size, "needs at least 2 colors.")
@@ -282,8 +284,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
   if not c.sample_temperature > 0:
     _fail("sample_temperature", c.sample_temperature, "must be > 0.")
 
-  if c.input_order not in ("global", "per_process"):
-    _fail("input_order", c.input_order, "must be 'global' or 'per_process'.")
+  if isinstance(c.input_workers, bool) or not isinstance(c.input_workers, int) or (
+      c.input_workers < 0):
+    _fail("input_workers", c.input_workers, "must be >= 0 (0 = reader threads only).")
   if c.nonfinite_policy not in ("stop", "skip"):
     _fail("nonfinite_policy", c.nonfinite_policy, "must be 'stop' or 'skip'.")
   _positive_int(c, "max_nonfinite_skips")
@@ -382,5 +385,4 @@ def eval_data_config(c) -> ml_collections.ConfigDict:
   if e.test_split:
     out.test_split = e.test_split
   out.holdout_fraction = e.holdout_fraction
-  out.cache_data = False
   return out

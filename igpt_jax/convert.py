@@ -218,7 +218,7 @@ def write_run(workdir: str, params: dict, palette: np.ndarray, config) -> str:
   with open(os.path.join(workdir, "config.py"), "w") as f:
     f.write(CONFIG_PY.format(json=os.path.join(os.path.abspath(workdir), "config.json")))
   mgr = checkpointing.manager(workdir, config)
-  checkpointing.save(mgr, 0, state)
+  checkpointing.save(mgr, 0, state, next_index=0)
   mgr.wait_until_finished()
   mgr.close()
   return workdir
@@ -238,17 +238,23 @@ def _model_state(config):
 
 
 def _restore_params(workdir: str, config):
-  """(params, step, model) of the latest checkpoint in `workdir`."""
+  """(params, step, model) of the latest checkpoint in `workdir`; no optimizer state is built."""
+  import jax  # pylint: disable=g-import-not-at-top
   from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  model, _, fresh, shardings = _model_state(config)
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, jax.device_count())
+  model, _, tx = train.model_and_optimizer(config, max(config.warmup_steps, 0))
+  abstract, _ = train.abstract_train_state(model, tx, sharding.make_mesh(config), config)
   mgr = checkpointing.manager(workdir, config)
   step = mgr.latest_step()
   if step is None:
     mgr.close()
     raise ConversionError(f"no checkpoint in {workdir}/checkpoints; train or import one first.")
-  state = checkpointing.restore(mgr, step, checkpointing.abstract_like(fresh, shardings))
+  params = checkpointing.restore_params(mgr, step, abstract.params)
   mgr.close()
-  return state.params, step, model
+  return params, step, model
 
 
 CONFIG_PY = '''"""The config of a converted model (written by igpt_jax.convert)."""
@@ -257,10 +263,15 @@ import json
 
 import ml_collections
 
+from igpt_jax import config_lib
+
 
 def get_config():
+  # The saved fields over today's defaults, so fields added later get their defaults.
+  config = config_lib.base_config()
   with open({json!r}) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config.update(ml_collections.ConfigDict(json.load(f)))
+  return config
 '''
 
 

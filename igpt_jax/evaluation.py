@@ -92,11 +92,10 @@ class Evaluator:
           f"no checkpoint{'' if config.eval.step < 0 else f' at step {config.eval.step}'} in "
           f"{workdir}/checkpoints (have {sorted(mgr.all_steps())}); train first or fix "
           "--config.eval.step.")
-    abstract = checkpointing.abstract_like(self.trainer.state, self.trainer.state_shardings)
-    self.params = checkpointing.restore(mgr, step, abstract).params
+    # Parameters only, straight into their shardings: no optimizer state is built.
+    self.params = checkpointing.restore_params(mgr, step, self.trainer.abstract_state.params)
     mgr.close()
     self.step = int(step)
-    self.trainer.state = None  # the fresh initial state is not needed any more
     self.num_classes = self.trainer.source.num_classes
     e = data_config.eval
     self.layers = features_lib.parse_layers(e.layers, data_config.model.num_layers)

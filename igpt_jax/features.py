@@ -128,9 +128,9 @@ def cached(path: str, compute, *, log=print) -> tuple[np.ndarray, np.ndarray]:
 
 def raw_pixels(config, source, split: str) -> tuple[np.ndarray, np.ndarray]:
   """The raw-pixel baseline's features: the resized RGB image, flattened, in [0, 1]."""
-  ds = input_pipeline.eval_images(config, source, split, sharded=False)
+  ds = input_pipeline.eval_images(config, source, split, sharded=False).batch(1024)
   xs, ys = [], []
-  for ex in ds.batch(1024).as_numpy_iterator():
+  for ex in input_pipeline.iterate(ds, config):
     xs.append(ex["image"].reshape(len(ex["image"]), -1).astype(np.float32) / 255.0)
     ys.append(ex["label"])
   return np.concatenate(xs), np.concatenate(ys).astype(np.int32)

@@ -1,9 +1,9 @@
 """A tfds builder that turns a local folder `<split>/<label>/<image file>` into a real tfds dataset.
 
-Unlike `tfds.folder_dataset.ImageFolder`, which re-reads loose files on every pass and has no
-sub-splits, this converts the folder once into tfds' record format (the original encoded bytes,
-not re-encoded), so `train[:90%]`, per-process splits and shuffled files all work like any tfds
-dataset. Each source folder gets its own prepared copy under `data_dir`, keyed by its absolute
+Unlike `tfds.folder_dataset.ImageFolder`, which re-reads loose files on every pass, this
+converts the folder once into tfds' ArrayRecord format (the original encoded bytes, not
+re-encoded, in an order shuffled by tfds), so records are read by index like any tfds data
+source. Each source folder gets its own prepared copy under `data_dir`, keyed by its absolute
 path. Corrupt or empty image files fail the conversion with the file named.
 """
 
@@ -66,7 +66,9 @@ def prepared_dir(root: str, data_dir: str) -> str:
 class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
   """Images from `<root>/<split>/<label>/<file>`; features: image (RGB uint8), label."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "Written in ArrayRecord format (random access with grain).",
+                   "1.0.0": "TFRecord format."}
 
   def __init__(self, root: str, *, data_dir: str, **kwargs):
     self._root = os.path.abspath(root)

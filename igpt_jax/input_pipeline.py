@@ -1,13 +1,23 @@
-"""tf-datasets input: any source -> resize -> crop/flip -> palette tokens -> numpy batches.
+"""Input: records read by index with grain -> decode, crop, resize, flip -> palette tokens.
 
-Sources (`config.dataset`):
-  * a tfds name (`cifar10`, `imagenet2012`, ...), through `tfds.builder` as `tfds.load` does;
-  * a local folder `<split>/<label>/<image file>`, converted once into a tfds dataset
-    (`igpt_jax.image_folder.LocalImageFolder`);
-  * `digits`: scikit-learn's 8x8 handwritten digits, built in, for the quickstart.
+Sources (`config.dataset`), each a random-access sequence of records {'image', 'label'}:
+  * a tfds name (`cifar10`, `imagenet2012`, ...) prepared in tfds' ArrayRecord format, read with
+    `builder.as_data_source`;
+  * a local folder `<split>/<label>/<image file>`, converted once into an ArrayRecord tfds
+    dataset (`igpt_jax.image_folder.LocalImageFolder`);
+  * `digits`: scikit-learn's 8x8 handwritten digits, built in (in-memory records).
+The same grain pipeline reads all three. tf.data is used only by tfds when it prepares data.
 
 Splits: the last `holdout_fraction` of `train_split` is held out as `validation`; `test` is
-`test_split`. Each process reads only its own slice of every split.
+`test_split`.
+
+Training order. The global stream is a pure function of (seed, g): example g is record
+`perm_e[g mod N]` of the train split, where `perm_e` is a seeded permutation for epoch
+e = g // N (grain's index shuffle). Global batch k holds stream positions
+[start + k B, start + (k + 1) B); process p of P reads only the records of its contiguous slice
+of each global batch, by index. So global batches are the same for any process count, no host
+reads a record it does not train on, and resuming at position `start` costs the same at any
+step. Crops and flips are seeded by (seed, g): they never repeat across hosts.
 
 Batches are host-local numpy dicts: `tokens` int32 [local_batch, image_size**2] in raster order,
 `label` int32 [local_batch] and, for evaluation, `mask` bool [local_batch] (False = padding).
@@ -16,34 +26,77 @@ Batches are host-local numpy dicts: `tokens` int32 [local_batch, image_size**2] 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import math
 import os
-from typing import Iterator, Optional
+import sys
+from typing import Iterator, Optional, Sequence
 
+import grain
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+from PIL import Image as PILImage
 
 from igpt_jax import image_folder
+from igpt_jax import palette as palette_lib
 
-AUTOTUNE = tf.data.AUTOTUNE
 BUILTIN = ("digits",)
+FILE_FORMAT = "array_record"
 
 
 class DatasetError(RuntimeError):
   """The configured dataset cannot be read; the message says what to do."""
 
 
+class Records:
+  """A random-access view [start, stop) of a record sequence (a tfds data source or arrays)."""
+
+  def __init__(self, base, start: int = 0, stop: Optional[int] = None):
+    self._base = base
+    self._start = start
+    self._stop = len(base) if stop is None else stop
+
+  def __len__(self) -> int:
+    return self._stop - self._start
+
+  def __getitem__(self, index: int):
+    return self._base[self._start + index]
+
+  def __getitems__(self, indices: Sequence[int]):
+    indices = [self._start + int(i) for i in indices]
+    if hasattr(self._base, "__getitems__"):
+      return self._base.__getitems__(indices)
+    return [self._base[i] for i in indices]
+
+  def head(self, n: int) -> "Records":
+    return Records(self._base, self._start, self._start + min(n, len(self)))
+
+
+class _Arrays:
+  """In-memory images uint8 [N, h, w, c] and labels [N] as records."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+
 @dataclasses.dataclass
 class Source:
-  """An opened dataset: a tfds builder, or in-memory arrays for the built-in `digits`."""
+  """An opened dataset: the records of each split after the hold-out, and its classes."""
 
   name: str
-  builder: Optional[tfds.core.DatasetBuilder]
-  arrays: Optional[dict]
-  split_sizes: dict  # {"train": n, "validation": n, "test": n} after the hold-out.
-  split_specs: dict  # tfds split strings, e.g. {"train": "train[:45000]", ...}
+  splits: dict  # {"train": Records, "validation": Records, "test": Records}
   num_classes: int
+  label_names: list
+
+  @property
+  def split_sizes(self) -> dict:
+    return {split: len(records) for split, records in self.splits.items()}
 
 
 def _is_folder(name: str) -> bool:
@@ -54,195 +107,270 @@ def _data_dir(config) -> Optional[str]:
   return os.path.expanduser(config.data_dir) if config.data_dir else None
 
 
+def _check_random_access(builder, name: str) -> None:
+  formats = {str(getattr(f, "value", f)) for f in builder.info.available_file_formats()}
+  if FILE_FORMAT not in formats:
+    raise DatasetError(
+        f"tfds dataset {name!r} is prepared in {builder.data_dir} only as "
+        f"{', '.join(sorted(formats)) or 'an unknown format'}; igpt_jax reads records by index "
+        f"and needs the {FILE_FORMAT} format. Convert it in place with `tfds convert_format "
+        f"--dataset_version_dir={builder.data_dir} --out_file_format={FILE_FORMAT}`, or "
+        f"prepare it again with `tfds build {name} --file_format={FILE_FORMAT}` (into another "
+        "config.data_dir).")
+
+
+def _array_record_builder(make, name: str):
+  """make(**kw) -> a builder that reads or writes ArrayRecord; a dataset already prepared in
+  another format fails with the command that converts it."""
+  try:
+    builder = make(file_format=FILE_FORMAT)
+    builder.info  # pylint: disable=pointless-statement  # tfds checks the format here
+    return builder
+  except ValueError as e:
+    if "File format is already set" not in str(e):
+      raise
+  _check_random_access(make(), name)  # raises, naming the format found and the fix
+  raise AssertionError("unreachable")
+
+
 def _open_builder(config):
   name = config.dataset
   if _is_folder(name):
     data_dir = _data_dir(config) or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    builder = image_folder.LocalImageFolder(os.path.expanduser(name), data_dir=data_dir)
+    builder = _array_record_builder(functools.partial(
+        image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
     if not builder.is_prepared():
       print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
             "(once) ...", flush=True)
       builder.download_and_prepare()
+    _check_random_access(builder, name)
     return builder
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    builder = tfds.builder(name, data_dir=_data_dir(config))
+    builder = _array_record_builder(
+        functools.partial(tfds.builder, name, data_dir=_data_dir(config)), name)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DatasetError(
         f"config.dataset={name!r} is neither a tfds dataset name nor an existing folder. "
         "Use a tfds name (cifar10, cifar100, stl10, imagenet2012, ...), 'digits', or the path "
         "of a folder laid out as <split>/<label>/<image file>.") from e
-  if not builder.is_prepared():
-    if not config.download:
-      raise DatasetError(
-          f"tfds dataset {name!r} is not prepared in {builder.data_dir} and "
-          "config.download=False. Prepare it (`tfds build {name}`), set config.data_dir to "
-          "where it is, or point config.dataset at a local image folder.")
-    try:
-      builder.download_and_prepare()
-    except Exception as e:  # Network, manual-download and disk errors all end here.
-      raise DatasetError(
-          f"could not download and prepare tfds dataset {name!r} into {builder.data_dir}: "
-          f"{type(e).__name__}: {str(e)[:500]}\nWithout internet, prepare it on another "
-          f"machine (`tfds build {name}`) and copy it under config.data_dir, or set "
-          "config.dataset to a local folder laid out as <split>/<label>/<image file>.") from e
+  if builder.is_prepared():
+    _check_random_access(builder, name)
+    return builder
+  if not config.download:
+    raise DatasetError(
+        f"tfds dataset {name!r} is not prepared in {builder.data_dir} and "
+        f"config.download=False. Prepare it (`tfds build {name} --file_format={FILE_FORMAT}`), "
+        "set config.data_dir to where it is, or point config.dataset at a local image folder.")
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # Network, manual-download and disk errors all end here.
+    raise DatasetError(
+        f"could not download and prepare tfds dataset {name!r} into {builder.data_dir}: "
+        f"{type(e).__name__}: {str(e)[:500]}\nWithout internet, prepare it on another "
+        f"machine (`tfds build {name} --file_format={FILE_FORMAT}`) and copy it under "
+        "config.data_dir, or set config.dataset to a local folder laid out as "
+        "<split>/<label>/<image file>.") from e
   return builder
+
+
+def _open_splits(config) -> tuple[dict, int, list]:
+  """({split name: records}, num_classes, label names) of every split of config.dataset."""
+  if config.dataset in BUILTIN:
+    arrays = image_folder.digits_arrays()
+    return ({s: _Arrays(*arrays[s]) for s in arrays}, 10, [str(i) for i in range(10)])
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _open_builder(config)
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise DatasetError(f"dataset {config.dataset!r} has features {list(features.keys())}; "
+                       "igpt_jax needs 'image' and 'label'.")
+  # Images stay encoded: they are decoded in grain's threads or worker processes.
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  splits = {s: builder.as_data_source(split=s, decoders=decoders)
+            for s in builder.info.splits.keys()}
+  return splits, features["label"].num_classes, list(features["label"].names)
 
 
 def open_source(config) -> Source:
   """Opens `config.dataset` or fails at once with a message that says what to do."""
-  if config.dataset in BUILTIN:
-    arrays = image_folder.digits_arrays()
-    sizes = {"train": len(arrays["train"][0]), "test": len(arrays["test"][0])}
-    builder, num_classes = None, 10
-  else:
-    builder = _open_builder(config)
-    sizes = {s: builder.info.splits[s].num_examples for s in builder.info.splits.keys()}
-    features = builder.info.features
-    if "image" not in features or "label" not in features:
-      raise DatasetError(f"dataset {config.dataset!r} has features {list(features.keys())}; "
-                         "igpt_jax needs 'image' and 'label'.")
-    num_classes = features["label"].num_classes
-    arrays = None
+  splits, num_classes, names = _open_splits(config)
   for field in ("train_split", "test_split"):
-    if config[field] not in sizes:
+    if config[field] not in splits:
       raise DatasetError(f"config.{field}={config[field]!r} is not a split of "
-                         f"{config.dataset!r}; its splits are {sorted(sizes)}.")
-  n_train = sizes[config.train_split]
+                         f"{config.dataset!r}; its splits are {sorted(splits)}.")
+  train = splits[config.train_split]
+  n_train = len(train)
   cut = n_train - int(round(n_train * config.holdout_fraction))
-  specs = {"train": f"{config.train_split}[:{cut}]",
-           "validation": f"{config.train_split}[{cut}:]",
-           "test": config.test_split}
-  split_sizes = {"train": cut, "validation": n_train - cut, "test": sizes[config.test_split]}
-  return Source(config.dataset, builder, arrays, split_sizes, specs, num_classes)
+  return Source(config.dataset,
+                {"train": Records(train, 0, cut), "validation": Records(train, cut, n_train),
+                 "test": Records(splits[config.test_split])},
+                num_classes, names)
 
 
-def _read(source: Source, split: str, *, shuffle_files: bool, seed: int,
-          process_index: int, process_count: int, sharded: bool = True) -> tf.data.Dataset:
-  """Encoded examples {'image', 'label'} of this process's slice of `split`."""
-  spec = source.split_specs[split]
-  if source.arrays is not None:
-    base, _, rest = spec.partition("[")
-    images, labels = source.arrays[base]
-    if rest:
-      lo, hi = rest.rstrip("]").split(":")
-      sl = slice(int(lo) if lo else None, int(hi) if hi else None)
-      images, labels = images[sl], labels[sl]
-    if sharded:
-      idx = np.array_split(np.arange(len(images)), process_count)[process_index]
-      images, labels = images[idx], labels[idx]
-    return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-  if sharded:
-    spec = tfds.even_splits(spec, n=process_count)[process_index]
-  read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
-  return source.builder.as_dataset(split=spec, shuffle_files=shuffle_files,
-                                   read_config=read_config,
-                                   decoders={"image": tfds.decode.SkipDecoding()})
+# --- per-example work (runs in grain's threads or worker processes) -------------------------
+
+def decode(image) -> np.ndarray:
+  """An encoded image file (bytes) or an array [h, w, 1|3] -> RGB uint8 [h, w, 3]."""
+  if isinstance(image, (bytes, np.bytes_)):
+    with PILImage.open(io.BytesIO(image)) as im:
+      if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit gray: keep the top 8 bits
+        wide = np.asarray(im, np.uint32)
+        shift = 8 if im.mode.startswith("I;16") else 24
+        return np.repeat((wide >> shift).astype(np.uint8)[..., None], 3, axis=-1)
+      return np.asarray(im.convert("RGB"))
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
 
 
-def _decode(image):
-  if image.dtype == tf.string:
-    return tf.io.decode_image(image, channels=3, expand_animations=False)
-  if image.shape[-1] == 1:
-    return tf.image.grayscale_to_rgb(image)
-  return image
-
-
-def preprocess(image, *, image_size: int, crop_fraction=(1.0, 1.0), flip: bool = False,
-               seed=None):
+def preprocess(image: np.ndarray, *, image_size: int, crop_fraction=(1.0, 1.0),
+               flip: bool = False, rng: Optional[np.random.Generator] = None) -> np.ndarray:
   """RGB uint8 [h, w, 3] -> uint8 [image_size, image_size, 3].
 
   A square crop whose side is a fraction of the short side (random fraction and position when
-  `seed` is given, else the centre at `crop_fraction[1]`), an area downsample to the model
-  resolution as in the paper, then an optional random horizontal flip.
+  `rng` is given, else the centre at `crop_fraction[1]`), an area (box-filter) resize to the
+  model resolution as in the paper, then, with `rng`, an optional random horizontal flip.
   """
-  shape = tf.shape(image)
-  h, w = shape[0], shape[1]
-  short = tf.cast(tf.minimum(h, w), tf.float32)
+  h, w = image.shape[:2]
+  short = min(h, w)
   lo, hi = crop_fraction
-  if seed is None:
-    side = tf.cast(tf.round(hi * short), tf.int32)
+  if rng is None:
+    side = max(int(round(hi * short)), 1)
     oy, ox = (h - side) // 2, (w - side) // 2
   else:
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    frac = tf.random.stateless_uniform([], seeds[0], lo, hi)
-    side = tf.maximum(tf.cast(tf.round(frac * short), tf.int32), 1)
-    oy = tf.random.stateless_uniform([], seeds[1], 0, h - side + 1, dtype=tf.int32)
-    ox = tf.random.stateless_uniform([], seeds[2], 0, w - side + 1, dtype=tf.int32)
-  crop = image[oy:oy + side, ox:ox + side]
-  out = tf.image.resize(tf.cast(crop, tf.float32), (image_size, image_size), method="area")
-  out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-  if flip and seed is not None:
-    out = tf.image.stateless_random_flip_left_right(out, seeds[3])
-  return out
+    side = max(int(round(rng.uniform(lo, hi) * short)), 1)
+    oy, ox = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+  out = np.asarray(PILImage.fromarray(image).resize(
+      (image_size, image_size), PILImage.Resampling.BOX, box=(ox, oy, ox + side, oy + side)))
+  if rng is not None and flip and rng.uniform() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
 
 
-def quantize_tf(image, centers):
-  """uint8 [H, W, 3] -> int32 tokens [H*W]; the same math as `palette.quantize`."""
-  x = tf.reshape(tf.cast(image, tf.float32) / 127.5 - 1.0, (-1, 1, 3))
-  c = tf.constant(centers, tf.float32)
-  d = ((x[..., 0] - c[:, 0]) ** 2 + (x[..., 1] - c[:, 1]) ** 2 + (x[..., 2] - c[:, 2]) ** 2)
-  return tf.cast(tf.argmin(d, axis=-1), tf.int32)
+def _train_example(item, *, seed: int, image_size: int, crop_fraction, flip: bool, table):
+  g, record = item
+  rng = np.random.default_rng([seed, g])  # the augmentation of stream position g
+  image = preprocess(decode(record["image"]), image_size=image_size,
+                     crop_fraction=crop_fraction, flip=flip, rng=rng)
+  return {"tokens": palette_lib.quantize_with_table(image, table),
+          "label": np.int32(record["label"])}
 
 
-def _options():
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
+def _eval_example(record, *, image_size: int) -> dict:
+  return {"image": preprocess(decode(record["image"]), image_size=image_size),
+          "label": np.int32(record["label"])}
+
+
+def _tokenize(batch: dict, *, table) -> dict:
+  return {"tokens": palette_lib.quantize_with_table(batch["image"], table),
+          "label": batch["label"]}
+
+
+@functools.lru_cache(maxsize=4)
+def _table(key: bytes, k: int) -> np.ndarray:
+  return palette_lib.lookup_table(np.frombuffer(key, np.float32).reshape(k, 3))
+
+
+def palette_table(centers) -> np.ndarray:
+  """The palette's color -> token table (built once per palette and process, ~1-4 s)."""
+  centers = np.ascontiguousarray(centers, np.float32)
+  return _table(centers.tobytes(), len(centers))
+
+
+# --- the training stream ----------------------------------------------------------------------
+
+class ProcessShare(grain.MapDataset):
+  """Element i: (g, stream[g]) for this process's i-th example of the global stream.
+
+  g = start + (i // local_batch) * global_batch + process_index * local_batch
+      + i % local_batch
+  """
+
+  def __init__(self, stream: grain.MapDataset, *, start: int, global_batch: int,
+               local_batch: int, process_index: int):
+    super().__init__(stream)
+    self._start, self._global, self._local = start, global_batch, local_batch
+    self._offset = process_index * local_batch
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def global_index(self, index: int) -> int:
+    k, j = divmod(index, self._local)
+    return self._start + k * self._global + self._offset + j
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g = self.global_index(index)
+    return g, self._parent[g]
+
+  def _getitems(self, indices):
+    gs = [self.global_index(i) for i in indices]
+    return list(zip(gs, self._parent._getitems(gs)))  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"ProcessShare(start={self._start}, +{self._offset}, {self._local}/{self._global})"
+
+
+def global_stream(records, seed: int) -> grain.MapDataset:
+  """The endless training stream: element g is record perm_{g // N}[g mod N]."""
+  return grain.MapDataset.source(records).shuffle(seed=seed % 2**32).repeat()
+
+
+def train_dataset(config, source: Source, centers, *, local_batch: int, seed: int,
+                  start_index: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+  """This process's training batches from stream position `start_index`, by index.
+
+  Element k is the local slice of global batch k (global batch = local_batch * process_count):
+  a dict `tokens` int32 [local_batch, seq_len], `label` int32 [local_batch].
+  """
+  if len(source.splits["train"]) == 0:
+    raise DatasetError(f"the training split of {source.name!r} is empty; lower "
+                       "config.holdout_fraction or use a larger dataset.")
+  share = ProcessShare(global_stream(source.splits["train"], seed), start=start_index,
+                       global_batch=local_batch * process_count, local_batch=local_batch,
+                       process_index=process_index)
+  example = functools.partial(
+      _train_example, seed=seed, image_size=config.image_size,
+      crop_fraction=tuple(config.train_crop_fraction), flip=config.train_flip,
+      table=palette_table(centers))
+  return share.map(example).batch(local_batch, drop_remainder=True)
+
+
+def iterate(ds: grain.MapDataset, config) -> Iterator[dict]:
+  """Runs `ds` in grain's reader threads (and worker processes, config.input_workers)."""
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.input_threads,
+                                            prefetch_buffer_size=config.input_prefetch))
+  if config.input_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input_workers))
+  return iter(it)
 
 
 def train_iterator(config, source: Source, centers, *, local_batch: int, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   skip_batches: int = 0) -> Iterator[dict]:
-  """An endless, shuffled, augmented stream of training batches, deterministic in `seed`.
+                   start_index: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+  """The endless, shuffled, augmented stream of this process's batches (`train_dataset`)."""
+  return iterate(train_dataset(config, source, centers, local_batch=local_batch, seed=seed,
+                                start_index=start_index, process_index=process_index,
+                                process_count=process_count), config)
 
-  `config.input_order`: "global" (every process reads the whole split in one seeded order and
-  keeps its slice of each global batch: the same global batches for any process count, at the
-  cost of each process reading every encoded example) or "per_process" (each process shuffles
-  only its own shard: the usual choice for ImageNet-sized data).
 
-  `skip_batches` resumes the stream exactly where a run that consumed that many batches left
-  it: the skipped examples pass through the shuffle (cheap, still encoded) but are not decoded.
-  """
-  global_order = config.input_order == "global"
-  ds = _read(source, "train", shuffle_files=True, seed=seed, process_index=process_index,
-             process_count=process_count, sharded=not global_order)
-  if config.cache_data:
-    ds = ds.cache()
-  ds = ds.repeat().shuffle(config.shuffle_buffer, seed=seed).enumerate()
-  if global_order:
-    # Every process walks the same global order and keeps its slice of each global batch
-    # (process p: examples [p * local_batch, (p + 1) * local_batch) of it), decoding only
-    # those; the global batches do not depend on the number of processes.
-    ds = ds.skip(skip_batches * local_batch * process_count)
-    ds = ds.filter(lambda i, _: (i // local_batch) % process_count == process_index)
-  elif skip_batches:
-    ds = ds.skip(skip_batches * local_batch)
-
-  def process(index, ex):
-    example_seed = tf.stack([tf.cast(seed, tf.int64), index])
-    image = preprocess(_decode(ex["image"]), image_size=config.image_size,
-                       crop_fraction=tuple(config.train_crop_fraction),
-                       flip=config.train_flip, seed=example_seed)
-    return {"tokens": quantize_tf(image, centers), "label": tf.cast(ex["label"], tf.int32)}
-
-  ds = ds.map(process, num_parallel_calls=AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(AUTOTUNE).with_options(_options())
-  return ds.as_numpy_iterator()
-
+# --- evaluation ---------------------------------------------------------------------------------
 
 def eval_images(config, source: Source, split: str, *, process_index: int = 0,
-                process_count: int = 1, sharded: bool = True) -> tf.data.Dataset:
-  """Centre-cropped, resized uint8 images and labels of one split, in a fixed order."""
-  ds = _read(source, split, shuffle_files=False, seed=0, process_index=process_index,
-             process_count=process_count, sharded=sharded)
-
-  def process(ex):
-    image = preprocess(_decode(ex["image"]), image_size=config.image_size)
-    return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
-
-  return ds.map(process, num_parallel_calls=AUTOTUNE, deterministic=True).with_options(
-      _options())
+                process_count: int = 1, sharded: bool = True) -> grain.MapDataset:
+  """Centre-cropped, resized images {'image' uint8 [S, S, 3], 'label'} of this process's
+  contiguous share of `split` (all of it with sharded=False), in a fixed order."""
+  records = source.splits[split]
+  ds = grain.MapDataset.source(records)
+  if sharded:
+    bounds = np.linspace(0, len(records), process_count + 1).round().astype(int)
+    ds = ds[int(bounds[process_index]):int(bounds[process_index + 1])]
+  return ds.map(functools.partial(_eval_example, image_size=config.image_size))
 
 
 def num_eval_batches(source: Source, split: str, local_batch: int, process_count: int) -> int:
@@ -258,9 +386,8 @@ def eval_iterator(config, source: Source, centers, split: str, *, local_batch: i
   num_batches = total if num_batches == -1 else min(num_batches, total)
   ds = eval_images(config, source, split, process_index=process_index,
                    process_count=process_count)
-  ds = ds.map(lambda ex: {"tokens": quantize_tf(ex["image"], centers), "label": ex["label"]},
-              num_parallel_calls=AUTOTUNE, deterministic=True)
-  it = ds.batch(local_batch).prefetch(AUTOTUNE).as_numpy_iterator()
+  ds = ds.batch(local_batch).map(functools.partial(_tokenize, table=palette_table(centers)))
+  it = iterate(ds[:num_batches], config)
   seq_len = config.image_size**2
   for _ in range(num_batches):
     b = next(it, None)
@@ -277,9 +404,9 @@ def palette_pixels(config, source: Source) -> np.ndarray:
 
   Every process reads the same images, so all of them would fit the same palette.
   """
-  ds = eval_images(config, source, "train", sharded=False).take(config.palette_fit_images)
-  images = np.stack([ex["image"] for ex in ds.as_numpy_iterator()])
-  pixels = images.reshape(-1, 3)
+  n = min(config.palette_fit_images, source.split_sizes["train"])
+  ds = eval_images(config, source, "train", sharded=False)[:n].batch(256)
+  pixels = np.concatenate([b["image"].reshape(-1, 3) for b in iterate(ds, config)])
   rng = np.random.default_rng(config.seed)
   take = min(config.palette_fit_pixels, len(pixels))
   return pixels[rng.choice(len(pixels), take, replace=False)]

@@ -32,10 +32,14 @@ def as_rgb(images):
       f"{tuple(images.shape)}. Add a channel axis to 2-D grayscale images (x[..., None]).")
 
 
+def _channel_sum_sq(x, c):
+  """Squared distance of broadcastable [..., 3] arrays, summed channel by channel."""
+  return (x[..., 0] - c[..., 0]) ** 2 + (x[..., 1] - c[..., 1]) ** 2 + (x[..., 2] - c[..., 2]) ** 2
+
+
 def squared_distances(x, centers):
   """x [..., 3], centers [k, 3] -> [..., k], summed channel by channel (exact, no |x|^2 trick)."""
-  return ((x[..., 0:1] - centers[:, 0]) ** 2 + (x[..., 1:2] - centers[:, 1]) ** 2
-          + (x[..., 2:3] - centers[:, 2]) ** 2)
+  return _channel_sum_sq(x[..., None, :], centers)
 
 
 @jax.jit
@@ -44,6 +48,68 @@ def quantize(images, centers):
   rgb = to_unit(as_rgb(images))
   flat = rgb.reshape(*rgb.shape[:-3], -1, 3)  # [..., H*W, 3]
   return jnp.argmin(squared_distances(flat, centers), axis=-1).astype(jnp.int32)
+
+
+# The lookup table: every 24-bit RGB color's token, for the host input pipeline (an array index
+# per pixel instead of k distances). Built cell by cell over 16x16x16 blocks of the color cube:
+# a center whose nearest point in a block is farther than some center's farthest point cannot
+# be the nearest center of any color in it, so only the remaining candidates are compared, with
+# the same float32 arithmetic as `quantize`; the table equals `quantize` on all 2^24 colors.
+_CELL = 16
+_CELLS = 256 // _CELL
+
+
+def _candidates(cells, centers):
+  """bool [n, k]: the centers that can be nearest to some color of each cell [n, 3]."""
+  lo = to_unit(cells * _CELL)[:, None]  # [n, 1, 3] the cell's corners in [-1, 1]
+  hi = to_unit(cells * _CELL + _CELL - 1)[:, None]
+  c = centers[None]  # [1, k, 3]
+  near = jnp.sum(jnp.square(jnp.maximum(jnp.maximum(lo - c, c - hi), 0)), -1)  # [n, k]
+  far = jnp.sum(jnp.maximum(jnp.square(c - lo), jnp.square(c - hi)), -1)
+  # A margin far above float32 rounding keeps every center that could tie or win.
+  return near <= jnp.min(far, axis=-1, keepdims=True) + 1e-4
+
+
+@functools.partial(jax.jit, static_argnames=("num_candidates",))
+def _cell_tokens(cells, centers, num_candidates: int):
+  """cells int32 [n, 3] (cell coordinates) -> int32 tokens [n, 16^3] of the colors in them."""
+  candidate = _candidates(cells, centers)  # [n, k]
+  # Candidates first, in ascending index order, so argmin breaks ties as `quantize` does.
+  order = jnp.argsort(~candidate, axis=-1, stable=True)[:, :num_candidates]  # [n, K]
+  offsets = jnp.arange(_CELL**3)
+  local = jnp.stack([offsets // _CELL**2, offsets // _CELL % _CELL, offsets % _CELL], -1)
+  rgb = cells[:, None, :] * _CELL + local[None]  # [n, 16^3, 3]
+  d = _channel_sum_sq(to_unit(rgb)[:, :, None, :], centers[order][:, None])  # [n, 16^3, K]
+  best = jnp.argmin(d, axis=-1)  # [n, 16^3]
+  return jnp.take_along_axis(order, best, axis=-1)
+
+
+@jax.jit
+def _candidate_counts(cells, centers):
+  return jnp.sum(_candidates(cells, centers), axis=-1)
+
+
+def lookup_table(centers) -> np.ndarray:
+  """int16 [2^24]: the token of RGB color (r << 16 | g << 8 | b), exactly `quantize`'s."""
+  centers = jnp.asarray(centers, jnp.float32)
+  grid = np.stack(np.meshgrid(*[np.arange(_CELLS)] * 3, indexing="ij"), -1).reshape(-1, 3)
+  cells = jnp.asarray(grid, jnp.int32)
+  k = int(np.max(np.asarray(_candidate_counts(cells, centers))))
+  k = 1 << max(k - 1, 0).bit_length()  # a power of two: few distinct compilations
+  chunk = max(1, (1 << 22) // (_CELL**3 * k))  # cells per call: ~4M distances at a time
+  tokens = np.concatenate([np.asarray(_cell_tokens(cells[i:i + chunk], centers, k))
+                           for i in range(0, len(grid), chunk)])  # [cells, 16^3]
+  # Cell (R, G, B) and offset (r, g, b) -> color (16R + r, 16G + g, 16B + b).
+  table = tokens.reshape(_CELLS, _CELLS, _CELLS, _CELL, _CELL, _CELL)
+  table = table.transpose(0, 3, 1, 4, 2, 5).reshape(-1)
+  return table.astype(np.int16)
+
+
+def quantize_with_table(images: np.ndarray, table: np.ndarray) -> np.ndarray:
+  """uint8 RGB images [..., H, W, 3] -> int32 tokens [..., H*W] through `lookup_table`."""
+  x = images.astype(np.int32)
+  codes = (x[..., 0] << 16) | (x[..., 1] << 8) | x[..., 2]
+  return table[codes.reshape(*codes.shape[:-2], -1)].astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "channels"))

@@ -64,9 +64,9 @@ def run(config, workdir: str) -> list[str]:
   checkpointing.check_compatible(workdir, config)
   trainer = train.Trainer(config, workdir)
   mgr = checkpointing.manager(workdir, config)
-  state, step = trainer.restore_latest(mgr)
+  params, step, _ = trainer.restore_latest(mgr, params_only=True)
   mgr.close()
-  if state is None:
+  if params is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first.")
   cfg = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy)
@@ -74,7 +74,7 @@ def run(config, workdir: str) -> list[str]:
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   if FLAGS.mode == "unconditional":
-    tokens = trainer.sample(state.params, FLAGS.num, rng, cfg=cfg)
+    tokens = trainer.sample(params, FLAGS.num, rng, cfg=cfg)
     grid = images_lib.grid(trainer.to_images(tokens))
     stem = os.path.join(out_dir, f"unconditional_step{step}")
   else:
@@ -83,7 +83,7 @@ def run(config, workdir: str) -> list[str]:
         num_batches=1))
     originals = batch["tokens"][batch["mask"]]
     prefix_len = (config.image_size // 2) * config.image_size  # the top half, in raster order
-    completions = [trainer.sample(state.params, len(originals), jax.random.fold_in(rng, j),
+    completions = [trainer.sample(params, len(originals), jax.random.fold_in(rng, j),
                                   prefix=originals, prefix_len=prefix_len, cfg=cfg)
                    for j in range(FLAGS.completions)]
     tokens = np.stack([originals] + completions, axis=1)  # [num, 1 + completions, seq_len]

@@ -205,9 +205,11 @@ class Trainer:
     self.model, self.schedule, self.tx = model_and_optimizer(config, self.warmup)
     self.model_cfg = self.model.cfg
     self.apply_fn = make_apply_fn(self.model)
-    self.state, self.state_shardings = create_train_state(
-        self.model, self.tx, self.mesh, config, jax.random.PRNGKey(config.seed))
-    self.num_params = model_lib.count_params(self.state.params)
+    # Shapes and shardings only: a state is allocated by restoring a checkpoint into them, or
+    # by `init_state` when there is none, so one train state exists at a time.
+    self.abstract_state, self.state_shardings = abstract_train_state(
+        self.model, self.tx, self.mesh, config)
+    self.num_params = model_lib.count_params(self.abstract_state.params)
     self.flops_per_token = flops.train_flops_per_token_of(self.model_cfg)
     step_kw = dict(apply_fn=self.apply_fn, objective=config.objective,
                    mask_prob=config.mask_prob)
@@ -239,19 +241,31 @@ class Trainer:
       palette_lib.save(path, centers)
     return centers
 
-  def restore_latest(self, mgr):
-    """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
+  def init_state(self) -> TrainState:
+    """A freshly initialised train state, built sharded (for a run without a checkpoint)."""
+    state, _ = create_train_state(self.model, self.tx, self.mesh, self.config,
+                                  jax.random.PRNGKey(self.config.seed))
+    return state
+
+  def restore_latest(self, mgr, *, params_only: bool = False):
+    """(state, step, next_index) of the newest checkpoint that restores; (None, None, None) if
+    there is none. With `params_only`, the parameters alone (no optimizer state is read or
+    allocated) in place of the state. `next_index` is the saved data position (the next global
+    stream index), or step x batch size for checkpoints that predate it.
 
     A newer checkpoint that fails to restore (a truncated or deleted file) is skipped with a
     message, and moved to workdir/corrupt_checkpoints/ once an older one has restored, so that
     it can neither become "latest" again nor block the save of that step; nothing is deleted.
     If no checkpoint restores, nothing is moved and the error names every failure.
     """
-    abstract = checkpointing.abstract_like(self.state, self.state_shardings)
     failures = []
     for step in sorted(mgr.all_steps(), reverse=True):
       try:
-        state = checkpointing.restore(mgr, step, abstract)
+        if params_only:
+          state = checkpointing.restore_params(mgr, step, self.abstract_state.params)
+        else:
+          state = checkpointing.restore(mgr, step, self.abstract_state)
+        next_index = checkpointing.data_position(mgr, step)
       except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         log(f"Skipping checkpoint {step}: it does not restore ({reason}).")
@@ -262,14 +276,16 @@ class Trainer:
         log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {step}.")
       if failures:
         mgr.reload()
-      return state, step
+      if next_index is None:
+        next_index = step * self.config.batch_size
+      return state, step, next_index
     if failures:
       raise checkpointing.CheckpointError(
           f"no checkpoint in {self.workdir}/checkpoints restores: "
           + "; ".join(f"step {s}: {r}" for s, r in failures)
           + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
           "otherwise move the damaged step directories away or use a new --workdir.")
-    return None, None
+    return None, None, None
 
   def train_step(self, state, local_batch):
     with sharding.use(self.mesh, self.config):
@@ -446,19 +462,20 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
 def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, dict]:
   c, workdir = trainer.config, trainer.workdir
   seq_len = c.image_size**2
-  state, latest = trainer.restore_latest(mgr)
+  state, latest, start_index = trainer.restore_latest(mgr)
   if latest is None:
-    state = trainer.state
+    state, start_index = trainer.init_state(), 0
   else:
     log(f"Resumed from checkpoint at step {latest}.")
-  trainer.state = None  # do not keep the initial state alive beside the training one
+    log(f"Data position: example {start_index:,} of the training stream.")
   start = int(state.step)
 
-  # Exact resume: the same seeded stream, advanced past the batches already trained on.
+  # Exact resume: the stream is read by index from the saved position, at a cost that does
+  # not depend on how far training got.
   data = input_pipeline.train_iterator(
       c, trainer.source, trainer.centers, local_batch=trainer.local_batch, seed=c.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      skip_batches=start)
+      start_index=start_index, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step = {}, 0, latest
@@ -491,7 +508,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
           f"tokens/s | {last['model_tflops_per_device']:.3g} TFLOP/s/device{mfu_txt} | "
           f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
     if checkpoint_now and saved_step != step:
-      checkpointing.save(mgr, step, state)
+      checkpointing.save(mgr, step, state, start_index + (step - start) * c.batch_size)
       saved_step = step
     if preempted and not is_last:
       mgr.wait_until_finished()

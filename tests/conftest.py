@@ -95,7 +95,6 @@ def tiny_config(**overrides):
   c.eval_every_steps = 10
   c.eval_batches = 2
   c.checkpoint_every_steps = 5
-  c.shuffle_buffer = 1_000
   c.num_samples = 0
   return override(c, overrides)
 

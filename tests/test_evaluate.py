@@ -236,3 +236,33 @@ def test_probe_config_file_targets_the_paper_datasets():
   assert module.get_config("l,imagenet2012").eval.probe_solver == "sgd"
   with pytest.raises(ValueError, match="MODEL,DATASET"):
     module.get_config("s")
+
+
+def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart, monkeypatch):
+  """The tools read the parameters alone (orbax partial restore): no optimizer state is read
+  or allocated, and nothing of a train state's size is alive after the restore."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from igpt_jax import convert  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  def refuse(*args, **kwargs):
+    raise AssertionError("a tool built or restored a full train state")
+  monkeypatch.setattr(train, "create_train_state", refuse)
+  monkeypatch.setattr(checkpointing, "restore", refuse)
+  config = quickstart(trained_quickstart)
+  gc.collect()
+  baseline = sum(x.nbytes for x in jax.live_arrays())
+  param_bytes = 4 * 800_000  # the quickstart model: 0.8M float32 parameters
+  ev = evaluation.Evaluator(config, trained_quickstart)
+  assert model_lib.count_params(ev.params) == 800_000 and ev.step == 120
+  grown = sum(x.nbytes for x in jax.live_arrays()) - baseline
+  assert param_bytes <= grown < 1.2 * param_bytes  # parameters, not 3x (Adam's mu and nu)
+  trainer = train.Trainer(config, trained_quickstart)  # what `python -m igpt_jax.sample` does
+  mgr = checkpointing.manager(trained_quickstart, config)
+  params, step, _ = trainer.restore_latest(mgr, params_only=True)
+  mgr.close()
+  assert step == 120
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
+                                                  jax.tree_util.tree_leaves(ev.params)))
+  params, step, _ = convert._restore_params(trained_quickstart, config)  # export's restore
+  assert step == 120 and model_lib.count_params(params) == 800_000

@@ -1,5 +1,6 @@
 """Faults: kill -9 and exact resume, SIGTERM, damaged checkpoints, non-finite steps."""
 
+import gc
 import glob
 import os
 import shutil
@@ -28,32 +29,18 @@ def restore_params(workdir, step):
   config = quickstart_config()
   trainer = train.Trainer(config, workdir)
   mgr = checkpointing.manager(workdir, config)
-  abstract = checkpointing.abstract_like(trainer.state, trainer.state_shardings)
-  state = checkpointing.restore(mgr, step, abstract)
+  state = checkpointing.restore(mgr, step, trainer.abstract_state)
   mgr.close()
   return jax.device_get(state)
 
 
-def test_skip_batches_resumes_the_exact_stream():
-  config = quickstart_config()
-  source = input_pipeline.open_source(config)
-  centers = np.random.default_rng(0).uniform(-1, 1, (16, 3)).astype(np.float32)
-  kw = dict(local_batch=8, seed=3)
-  full = input_pipeline.train_iterator(config, source, centers, **kw)
-  head = [next(full) for _ in range(7)]
-  resumed = input_pipeline.train_iterator(config, source, centers, skip_batches=4, **kw)
-  for want in head[4:]:
-    got = next(resumed)
-    np.testing.assert_array_equal(got["tokens"], want["tokens"])
-    np.testing.assert_array_equal(got["label"], want["label"])
-  assert not np.array_equal(head[0]["tokens"], head[4]["tokens"])
-
-
 def test_kill_9_then_resume_is_bit_identical(tmp_path):
-  """N steps in one go == k steps, kill -9, restart, finish: same losses, same parameters."""
+  """N steps in one go == k steps, kill -9, restart, finish: same losses, same parameters.
+  With 600 training digits and batch 64 an epoch is 9.4 steps: the resumed run crosses the
+  epoch boundary."""
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   args = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
-          "--config.eval_every_steps=12"]
+          "--config.eval_every_steps=12", "--config.holdout_fraction=0.5556"]
   ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   victim = subprocess.Popen(CLI + args + [f"--workdir={killed}"], cwd=REPO,
@@ -70,6 +57,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   resumed_from = int(out.stdout.split("Resumed from checkpoint at step ")[1].split(".")[0])
   assert resumed_from in (4, 8)
+  assert f"Data position: example {resumed_from * 64:,} of" in out.stdout
   a, b = metrics_by_step(straight), metrics_by_step(killed)
   assert sorted(a) == sorted(b) == list(range(1, 13))
   for step in range(1, 13):
@@ -146,6 +134,64 @@ def test_damaged_latest_checkpoint_is_skipped_and_kept(two_checkpoints, tmp_path
   for x, y in zip(jax.tree_util.tree_leaves(good),
                   jax.tree_util.tree_leaves(restore_params(workdir, 2))):
     np.testing.assert_array_equal(x, y)
+
+
+def live_bytes() -> int:
+  return sum(x.nbytes for x in jax.live_arrays())
+
+
+def test_resume_holds_one_train_state_and_reads_the_saved_data_position(
+    two_checkpoints, tmp_path, monkeypatch, capsys):
+  """Restoring allocates nothing first (no fresh state beside the restored one), and the
+  stream restarts at the position saved in the checkpoint, not at step x batch."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir)
+  seen = {}
+  real_restore, real_init = checkpointing.restore, train.Trainer.init_state
+  def restore(mgr, step, abstract):
+    seen["before"] = live_bytes()
+    state = real_restore(mgr, step, abstract)
+    seen["after"] = live_bytes()
+    seen["state"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    return state
+  def init_state(self):
+    raise AssertionError("a fresh state was built although a checkpoint restores")
+  monkeypatch.setattr(checkpointing, "restore", restore)
+  monkeypatch.setattr(train.Trainer, "init_state", init_state)
+  starts = []
+  real_iterator = input_pipeline.train_iterator
+  def train_iterator(*args, start_index=0, **kw):
+    starts.append(start_index)
+    return real_iterator(*args, start_index=start_index, **kw)
+  monkeypatch.setattr(input_pipeline, "train_iterator", train_iterator)
+  # Move the saved data position of step 4 so that the resume can only have read it.
+  mgr = checkpointing.manager(workdir, quickstart_config())
+  assert checkpointing.data_position(mgr, 4) == 4 * 64
+  mgr.close()
+  with open(os.path.join(workdir, "checkpoints", "4", "data", "metadata"), "w") as f:
+    f.write('{"next_index": 1000}')
+  capsys.readouterr()
+  gc.collect()
+  baseline = live_bytes()  # arrays other tests left alive in this process
+  train.train_and_evaluate(quickstart_config(total_steps=5, checkpoint_every_steps=5,
+                                             eval_every_steps=5), workdir)
+  assert starts == [1000]
+  assert "Data position: example 1,000 of" in capsys.readouterr().out
+  assert seen["state"] > 2_000_000  # 0.8M parameters + Adam moments, float32
+  # Nothing of the state's size was allocated before the restore, one state after it.
+  assert seen["before"] - baseline < 0.05 * seen["state"]
+  assert seen["after"] - seen["before"] < 1.05 * seen["state"]
+
+
+def test_checkpoints_without_a_data_position_resume_from_step_times_batch(
+    two_checkpoints, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4", "data"))  # as written before
+  capsys.readouterr()
+  train.train_and_evaluate(quickstart_config(total_steps=5, checkpoint_every_steps=5,
+                                             eval_every_steps=5), workdir)
+  assert "Data position: example 256 of" in capsys.readouterr().out
 
 
 def test_no_restorable_checkpoint_fails_and_moves_nothing(two_checkpoints, tmp_path):
@@ -230,8 +276,7 @@ def test_odd_image_formats_in_a_local_folder_become_rgb(tmp_path):
   config.dataset, config.data_dir = str(root), str(tmp_path / "tfds")
   config.image_size, config.holdout_fraction = 8, 0.0
   source = input_pipeline.open_source(config)
-  images = [ex["image"] for ex in
-            input_pipeline.eval_images(config, source, "test").as_numpy_iterator()]
+  images = [ex["image"] for ex in input_pipeline.eval_images(config, source, "test")]
   assert len(images) == 5
   assert all(im.shape == (8, 8, 3) and im.dtype == np.uint8 for im in images)
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from igpt_jax import input_pipeline
 from igpt_jax import palette
 
 
@@ -28,12 +27,39 @@ def test_quantize_is_nearest_center_like_numpy():
   assert (got == expected).mean() > 0.999
 
 
-def test_tf_and_jax_quantizers_agree():
+@pytest.mark.parametrize("kind", ["uniform", "duplicated", "gray"])
+def test_lookup_table_equals_quantize(kind):
+  """The input pipeline's color -> token table gives `quantize`'s tokens, ties included."""
   rng = np.random.default_rng(1)
-  image = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
-  centers = random_palette(64, seed=1)
-  np.testing.assert_array_equal(input_pipeline.quantize_tf(image, centers).numpy(),
-                                np.asarray(palette.quantize(image[None], centers))[0])
+  if kind == "uniform":
+    centers = random_palette(512, seed=1)
+  elif kind == "duplicated":  # exact ties: the lower index wins in both
+    centers = np.repeat(random_palette(32, seed=1), 2, axis=0)
+  else:  # clustered along the gray axis: many candidates per color cell
+    centers = np.clip(np.repeat(np.linspace(-1, 1, 128)[:, None], 3, 1)
+                      + rng.normal(0, 0.01, (128, 3)), -1, 1).astype(np.float32)
+  table = palette.lookup_table(centers)
+  assert table.shape == (1 << 24,) and table.dtype == np.int16
+  colors = rng.integers(0, 256, size=(64, 1024, 1, 3), dtype=np.uint8)  # 65,536 random colors
+  # Also every color within 2 levels of each center's own color (the near-tie regions).
+  own = np.rint(127.5 * (centers + 1)).astype(int)
+  near = np.clip(own[:, None] + np.stack(np.meshgrid(*[np.arange(-2, 3)] * 3), -1).reshape(
+      -1, 3), 0, 255).astype(np.uint8).reshape(len(centers), -1, 1, 3)
+  for images in (colors, near):
+    want = np.asarray(palette.quantize(images, centers))
+    np.testing.assert_array_equal(palette.quantize_with_table(images, table), want)
+
+
+@pytest.mark.slow
+def test_lookup_table_equals_quantize_on_every_color():
+  centers = random_palette(512, seed=3)
+  table = palette.lookup_table(centers)
+  allc = np.arange(1 << 24, dtype=np.int32)
+  cube = np.stack([(allc >> 16) & 255, (allc >> 8) & 255, allc & 255], -1).astype(np.uint8)
+  for s in range(0, 1 << 24, 1 << 20):
+    chunk = cube[s:s + (1 << 20)].reshape(-1, 1024, 1, 3)
+    np.testing.assert_array_equal(np.asarray(palette.quantize(chunk, centers)).reshape(-1),
+                                  table[s:s + (1 << 20)])
 
 
 def test_round_trip_of_palette_colors():

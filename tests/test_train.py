@@ -29,6 +29,7 @@ def test_next_pixel_loss_goes_down_on_cifar10(cifar_config, tmp_path):
   config = cifar_config(total_steps=120, log_every_steps=20, eval_every_steps=120,
                         eval_batches=4, checkpoint_every_steps=120, warmup_steps=10,
                         peak_tflops_per_device=0.5, **{"model.width": 128, "model.num_heads": 4})
+  del fresh, params
   _, result = train.train_and_evaluate(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   per_token = flops.train_flops_per_token(config.model.num_layers, 128, 4, config.palette_size,
@@ -51,6 +52,7 @@ def test_next_pixel_loss_goes_down_on_cifar10(cifar_config, tmp_path):
 def test_masked_pixel_objective_trains(cifar_config, tmp_path):
   config = cifar_config(objective="masked_pixel", total_steps=40, log_every_steps=20,
                         eval_every_steps=40, checkpoint_every_steps=40, num_samples=2)
+  del fresh, params
   _, result = train.train_and_evaluate(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   assert rows[-1]["loss"] < np.log(64) - 0.3
@@ -70,8 +72,8 @@ def test_checkpoint_restart_resumes_at_the_right_step(cifar_config, tmp_path):
   trainer = train.Trainer(config, workdir)
   mgr = checkpointing.manager(workdir, config)
   assert mgr.latest_step() == 4
-  restored = checkpointing.restore(mgr, 4, checkpointing.abstract_like(
-      trainer.state, trainer.state_shardings))
+  restored = checkpointing.restore(mgr, 4, trainer.abstract_state)
+  assert checkpointing.data_position(mgr, 4) == 4 * config.batch_size
   mgr.close()
   assert int(restored.step) == 4
   assert_trees_equal(restored.params, state.params)
@@ -138,7 +140,8 @@ for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
                        log_every_steps=1, eval_every_steps=3, checkpoint_every_steps=3,
                        **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
   trainer = train.Trainer(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
-  params = trainer.state.params
+  fresh = trainer.init_state()
+  params = fresh.params
   if mesh == (2, 4, 1):  # FSDP shards `embed`; the leading scan axis `layers` is replicated
     spec = params["wte"].sharding.spec
     assert spec == jax.P(None, "fsdp"), spec
@@ -150,8 +153,9 @@ for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     assert spec == jax.P(None, "fsdp", "tensor"), spec  # [layers, embed, mlp]
     assert params["blocks"]["mlp"]["fc"]["kernel"].addressable_shards[0].data.shape == (2, 32, 128)
     # Adam's moments are sharded like the parameters.
-    mu = trainer.state.opt_state[1][0].mu["blocks"]["mlp"]["fc"]["kernel"]
+    mu = fresh.opt_state[1][0].mu["blocks"]["mlp"]["fc"]["kernel"]
     assert mu.sharding.spec == spec, mu.sharding.spec
+  del fresh, params
   _, result = train.train_and_evaluate(config, sys.argv[3] + "/" + "x".join(map(str, mesh)))
   rows = [json.loads(l) for l in open(sys.argv[3] + "/" + "x".join(map(str, mesh)) + "/metrics.jsonl")]
   losses["x".join(map(str, mesh))] = [r["loss"] for r in rows]

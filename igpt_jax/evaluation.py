@@ -61,12 +61,8 @@ def plot_probe(path: str, result: dict) -> None:
 
 def _limit_train(source, n: int) -> None:
   """Keeps the first n examples of the (held-out-reduced) train split."""
-  if n < 0 or n >= source.split_sizes["train"]:
-    return
-  spec = source.split_specs["train"]
-  base = spec.partition("[")[0]
-  source.split_specs["train"] = f"{base}[:{n}]"
-  source.split_sizes["train"] = n
+  if 0 <= n < source.split_sizes["train"]:
+    source.splits["train"] = source.splits["train"].head(n)
 
 
 class Evaluator:

@@ -35,6 +35,7 @@ from typing import Iterator, Optional, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image as PILImage
 
 from igpt_jax import image_folder
@@ -83,6 +84,38 @@ class _Arrays:
 
   def __getitem__(self, index: int) -> dict:
     return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+class _TfdsSplit:
+  """A split of a prepared ArrayRecord tfds dataset, read by index with images left encoded.
+
+  Pickles as its directory and split name, so grain's worker processes reopen it
+  (`tfds.builder_from_directory`) instead of re-creating the builder that prepared it.
+  """
+
+  def __init__(self, data_dir: str, split: str):
+    self._data_dir, self._split, self._source = data_dir, split, None
+
+  def _open(self):
+    if self._source is None:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      builder = tfds.builder_from_directory(self._data_dir)
+      # Images stay encoded: they are decoded in grain's threads or worker processes.
+      self._source = builder.as_data_source(
+          split=self._split, decoders={"image": tfds.decode.SkipDecoding()})
+    return self._source
+
+  def __getstate__(self):
+    return {"_data_dir": self._data_dir, "_split": self._split, "_source": None}
+
+  def __len__(self) -> int:
+    return len(self._open())
+
+  def __getitem__(self, index: int):
+    return self._open()[index]
+
+  def __getitems__(self, indices: Sequence[int]):
+    return self._open().__getitems__(list(indices))
 
 
 @dataclasses.dataclass
@@ -179,16 +212,12 @@ def _open_splits(config) -> tuple[dict, int, list]:
   if config.dataset in BUILTIN:
     arrays = image_folder.digits_arrays()
     return ({s: _Arrays(*arrays[s]) for s in arrays}, 10, [str(i) for i in range(10)])
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = _open_builder(config)
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise DatasetError(f"dataset {config.dataset!r} has features {list(features.keys())}; "
                        "igpt_jax needs 'image' and 'label'.")
-  # Images stay encoded: they are decoded in grain's threads or worker processes.
-  decoders = {"image": tfds.decode.SkipDecoding()}
-  splits = {s: builder.as_data_source(split=s, decoders=decoders)
-            for s in builder.info.splits.keys()}
+  splits = {s: _TfdsSplit(str(builder.data_dir), s) for s in builder.info.splits.keys()}
   return splits, features["label"].num_classes, list(features["label"].names)
 
 
@@ -341,11 +370,13 @@ def train_dataset(config, source: Source, centers, *, local_batch: int, seed: in
   return share.map(example).batch(local_batch, drop_remainder=True)
 
 
-def iterate(ds: grain.MapDataset, config) -> Iterator[dict]:
+def iterate(ds: grain.MapDataset, config) -> grain.DatasetIterator:
   """Runs `ds` in grain's reader threads (and worker processes, config.input_workers)."""
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.input_threads,
                                             prefetch_buffer_size=config.input_prefetch))
   if config.input_workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (notebooks, scripts)
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.input_workers))
   return iter(it)
 
@@ -353,10 +384,17 @@ def iterate(ds: grain.MapDataset, config) -> Iterator[dict]:
 def train_iterator(config, source: Source, centers, *, local_batch: int, seed: int,
                    start_index: int = 0, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict]:
-  """The endless, shuffled, augmented stream of this process's batches (`train_dataset`)."""
-  return iterate(train_dataset(config, source, centers, local_batch=local_batch, seed=seed,
-                                start_index=start_index, process_index=process_index,
-                                process_count=process_count), config)
+  """The endless, shuffled, augmented stream of this process's batches (`train_dataset`).
+
+  Closing the generator (or dropping it) stops grain's reader threads and worker processes.
+  """
+  it = iterate(train_dataset(config, source, centers, local_batch=local_batch, seed=seed,
+                             start_index=start_index, process_index=process_index,
+                             process_count=process_count), config)
+  try:
+    yield from it
+  finally:
+    it.close()
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -389,14 +427,17 @@ def eval_iterator(config, source: Source, centers, split: str, *, local_batch: i
   ds = ds.batch(local_batch).map(functools.partial(_tokenize, table=palette_table(centers)))
   it = iterate(ds[:num_batches], config)
   seq_len = config.image_size**2
-  for _ in range(num_batches):
-    b = next(it, None)
-    n = 0 if b is None else len(b["label"])
-    tokens = np.zeros((local_batch, seq_len), np.int32)
-    labels = np.zeros((local_batch,), np.int32)
-    if n:
-      tokens[:n], labels[:n] = b["tokens"], b["label"]
-    yield {"tokens": tokens, "label": labels, "mask": np.arange(local_batch) < n}
+  try:
+    for _ in range(num_batches):
+      b = next(it, None)
+      n = 0 if b is None else len(b["label"])
+      tokens = np.zeros((local_batch, seq_len), np.int32)
+      labels = np.zeros((local_batch,), np.int32)
+      if n:
+        tokens[:n], labels[:n] = b["tokens"], b["label"]
+      yield {"tokens": tokens, "label": labels, "mask": np.arange(local_batch) < n}
+  finally:
+    it.close()
 
 
 def palette_pixels(config, source: Source) -> np.ndarray:

@@ -6,7 +6,8 @@ r"""Memory plan of a config on a device count you do not have: compile, allocate
 Builds `--devices` fake CPU devices, the config's mesh over them, abstract (shape-only) train
 state and batch with their shardings, lowers and compiles the real train step, and prints the
 parameter count, bytes per device for parameters, optimizer state, and XLA's temporary buffers
-(activations, gradients, collectives' scratch), and whether the total fits `--hbm_gib`.
+(activations, gradients, collectives' scratch), whether the total fits `--hbm_gib`, and the
+peak of a resume (one train state: checkpoints restore into the sharded state directly).
 The figures are the CPU compiler's; an accelerator's compiler schedules differently, so keep a
 margin (the README's recommendations keep about 20%).
 """
@@ -96,6 +97,8 @@ def plan(config, hbm_gib: float) -> dict:
       "optimizer_gib_per_device": opt_b / GIB,
       "temp_gib_per_device": temp_b / GIB,
       "total_gib_per_device": total / GIB,
+      # A resume restores the checkpoint straight into the sharded state: one train state.
+      "restore_peak_gib_per_device": (params_b + opt_b) / GIB,
       "hbm_gib": hbm_gib,
       "fits": total <= hbm_gib * GIB,
       "compile_s": compile_s,
@@ -112,6 +115,8 @@ def format_plan(p: dict) -> str:
       f"  per device: parameters {p['params_gib_per_device']:.2f} GiB | optimizer "
       f"{p['optimizer_gib_per_device']:.2f} GiB | activations & temporaries "
       f"{p['temp_gib_per_device']:.2f} GiB | total {p['total_gib_per_device']:.2f} GiB",
+      f"  restore peak {p['restore_peak_gib_per_device']:.2f} GiB per device (one train state: "
+      "a checkpoint is read into its shards, nothing is allocated before it)",
       f"  {verdict} in {p['hbm_gib']:g} GiB per device (compiled in {p['compile_s']:.0f}s)",
   ])
 

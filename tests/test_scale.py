@@ -76,6 +76,9 @@ def test_memory_plan_compiles_on_fake_devices_and_sees_fsdp():
     assert p["optimizer_gib_per_device"] == pytest.approx(2 * p["params_gib_per_device"],
                                                           rel=0.01)
     assert p["temp_gib_per_device"] > 0 and p["fits"] and p["devices"] == 8
+    # A resume holds one train state (restored into its shards), not a fresh one beside it.
+    assert p["restore_peak_gib_per_device"] == pytest.approx(
+        p["params_gib_per_device"] + p["optimizer_gib_per_device"])
   assert plans["2x2x2"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
@@ -87,6 +90,7 @@ def test_plan_cli(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "800,000 parameters on 4 devices (data 1 x fsdp 4 x tensor 1)" in out.stdout
   assert "DOES NOT FIT in 0.001 GiB" in out.stdout
+  assert "restore peak 0.00 GiB per device (one train state" in out.stdout
   as_json = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
                             "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
                             "--hbm_gib=0.001", "--json"], cwd=REPO, capture_output=True,

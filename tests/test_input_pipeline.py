@@ -128,6 +128,23 @@ def test_resuming_at_a_stream_position_continues_the_same_batches():
   assert not np.array_equal(head[0]["tokens"], head[33]["tokens"])
 
 
+def test_worker_processes_give_the_same_batches_as_threads(source, centers, cifar_config):
+  """config.input_workers > 0 (the ImageNet configs): grain's worker processes reopen the
+  ArrayRecord split and give the reader threads' batches."""
+  config = cifar_config(train_flip=True, train_crop_fraction=(0.8, 1.0))
+  threads = input_pipeline.train_iterator(config, source, centers, local_batch=8, seed=4)
+  config.input_workers = 2
+  workers = input_pipeline.train_iterator(config, source, centers, local_batch=8, seed=4)
+  try:
+    for _ in range(6):
+      a, b = next(threads), next(workers)
+      np.testing.assert_array_equal(a["tokens"], b["tokens"])
+      np.testing.assert_array_equal(a["label"], b["label"])
+  finally:
+    threads.close()
+    workers.close()
+
+
 def test_two_processes_read_disjoint_records_that_make_up_the_epoch():
   config, source = digits_source()
   centers = np.random.default_rng(0).uniform(-1, 1, (64, 3)).astype(np.float32)

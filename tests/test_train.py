@@ -29,7 +29,6 @@ def test_next_pixel_loss_goes_down_on_cifar10(cifar_config, tmp_path):
   config = cifar_config(total_steps=120, log_every_steps=20, eval_every_steps=120,
                         eval_batches=4, checkpoint_every_steps=120, warmup_steps=10,
                         peak_tflops_per_device=0.5, **{"model.width": 128, "model.num_heads": 4})
-  del fresh, params
   _, result = train.train_and_evaluate(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   per_token = flops.train_flops_per_token(config.model.num_layers, 128, 4, config.palette_size,
@@ -52,7 +51,6 @@ def test_next_pixel_loss_goes_down_on_cifar10(cifar_config, tmp_path):
 def test_masked_pixel_objective_trains(cifar_config, tmp_path):
   config = cifar_config(objective="masked_pixel", total_steps=40, log_every_steps=20,
                         eval_every_steps=40, checkpoint_every_steps=40, num_samples=2)
-  del fresh, params
   _, result = train.train_and_evaluate(config, str(tmp_path))
   rows = read_metrics(str(tmp_path))
   assert rows[-1]["loss"] < np.log(64) - 0.3

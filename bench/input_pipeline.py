@@ -82,7 +82,8 @@ def main(argv):
     old_builder.download_and_prepare()
   n = source.split_sizes["train"]
   config.image_size, config.palette_fit_images, config.palette_fit_pixels = 32, 2_000, 100_000
-  centers = palette_lib.fit(input_pipeline.palette_pixels(config, source), 512, iterations=10)
+  centers = palette_lib.fit(input_pipeline.palette_pixels(config, source)[0], 512,
+                            iterations=10)
   t0 = time.perf_counter()
   input_pipeline.palette_table(centers)
   table_s = time.perf_counter() - t0

@@ -14,6 +14,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from igpt_jax import errors
+
 # Fields that fix the shapes or meaning of a checkpoint: resuming with other values is an error.
 STATE_DEFINING_FIELDS = ("image_size", "palette_size", "objective", "model.num_layers",
                          "model.width", "model.num_heads", "model.mlp_ratio")
@@ -26,7 +28,7 @@ def manager(workdir: str, config) -> ocp.CheckpointManager:
                                options=options)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
   """No checkpoint in the workdir can be restored; the message lists why for each."""
 
 
@@ -56,6 +58,24 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
   restored = mgr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
   return restored["state"]
+
+
+def failure_reason(e: BaseException) -> str:
+  """One line on why a checkpoint did not restore: the most specific message in the exception
+  chain (orbax wraps TensorStore's, which ends in an object dump)."""
+  chain = []
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  lines = []
+  for err in chain:
+    text = str(err).split("See full TensorStore details")[0].strip()
+    first = text.splitlines()[0].strip() if text else ""
+    lines.append(f"{type(err).__name__}: {first}" if first else type(err).__name__)
+  specific = [line for line in lines if any(k in line for k in (
+      "NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "Truncated", "No such file",
+      "structure", "not found", "corrupt"))]
+  return (specific or lines)[-1][:300]
 
 
 def restore_params(mgr: ocp.CheckpointManager, step: int, abstract_params):
@@ -96,23 +116,99 @@ def save_config(workdir: str, config) -> None:
   os.replace(tmp, path)
 
 
-def check_compatible(workdir: str, config) -> None:
-  """Fails, naming the fields, if `workdir` holds a run whose state this config cannot load."""
+# Fields that fix what a run trains on: resuming with other values is refused (the palette and
+# the data position belong to the old data) unless config.allow_data_change is set.
+DATA_DEFINING_FIELDS = ("dataset", "train_split", "holdout_fraction")
+
+
+class IncompatibleRunError(errors.UserError, ValueError):
+  """The workdir holds a run that this config cannot continue or load."""
+
+
+def check_workdir(workdir: str, *, write: bool) -> None:
+  """Fails at once if `workdir` is a file or (with `write`) cannot be written, before any work."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError(f"--workdir={workdir} is a file, not a directory; pass a directory "
+                           "(it is created if missing).")
+  if not write:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise errors.UserError(f"--workdir={workdir} is not writable ({e.strerror}); pass a "
+                           "directory you can write to, or fix its permissions.") from e
+
+
+def saved_config(workdir: str):
+  """The run's config.json as a dict, or None if there is none; a damaged one is named."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise IncompatibleRunError(
+        f"{path} is truncated or not JSON ({e}); it records the run's config. Restore it from "
+        "a copy, or move it away to accept this config as the run's record (checkpoints are "
+        "kept).") from e
+
+
+def _saved(saved: dict, field: str):
+  value = saved
+  for part in field.split("."):
+    value = value.get(part) if isinstance(value, dict) else None
+  return value
+
+
+def _dataset_key(value):
+  """Local folders compare by absolute path; tfds names as written."""
+  if isinstance(value, str) and (os.sep in value or value.startswith((".", "~"))):
+    return os.path.abspath(os.path.expanduser(value))
+  return value
+
+
+def check_compatible(workdir: str, config, *, data: bool = False) -> None:
+  """Fails, naming the fields, if `workdir` holds a run whose state this config cannot load,
+  and (with `data`, for resuming training) one that trained on other data."""
+  saved = saved_config(workdir)
+  if saved is None:
     return
-  with open(path) as f:
-    saved = json.load(f)
   diffs = []
   for field in STATE_DEFINING_FIELDS:
-    old = saved
-    for part in field.split("."):
-      old = old.get(part) if isinstance(old, dict) else None
-    new = _get(config, field)
+    old, new = _saved(saved, field), _get(config, field)
     if old is not None and old != new:
       diffs.append(f"{field}: saved {old!r}, now {new!r}")
   if diffs:
-    raise ValueError(
+    raise IncompatibleRunError(
         f"workdir {workdir} holds a run with a different model; its checkpoints cannot be "
         f"restored with this config ({'; '.join(diffs)}). Use a new --workdir, or set those "
         "fields back.")
+  if not data or config.get("allow_data_change", False):
+    return
+  for field in DATA_DEFINING_FIELDS:
+    old, new = _saved(saved, field), _get(config, field)
+    if field == "dataset":
+      old, new = _dataset_key(old), _dataset_key(new)
+    if old is not None and old != new:
+      diffs.append(f"{field}: saved {old!r}, now {new!r}")
+  if diffs:
+    raise IncompatibleRunError(
+        f"workdir {workdir} holds a run trained on other data ({'; '.join(diffs)}); its "
+        "palette and data position belong to that data. Use a new --workdir, set those fields "
+        "back, or pass --config.allow_data_change=True to continue on the new data (the old "
+        "config.json is kept as config.<time>.json).")
+
+
+def keep_config_history(workdir: str) -> None:
+  """Copies config.json to config.<unix time>.json before a changed config replaces it."""
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+    with open(os.path.join(workdir, f"config.{int(time.time())}.json"), "w") as f:
+      f.write(old)

@@ -10,6 +10,8 @@ import math
 
 import ml_collections
 
+from igpt_jax import errors
+
 OBJECTIVES = ("next_pixel", "masked_pixel")
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -34,7 +36,7 @@ DEFAULT_RULES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config field has a value that cannot work; the message names the field and the fix."""
 
 
@@ -47,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = "cifar10"
   c.data_dir = ""  # tfds data_dir; also where local folders are converted. "" = tfds default.
   c.download = True  # let tfds download a hub dataset that is not prepared yet.
+  # Resuming a workdir with another dataset/train_split/holdout_fraction is refused unless this
+  # is set (the old config.json is then kept as config.<time>.json).
+  c.allow_data_change = False
   c.train_split = "train"
   c.test_split = "test"
   c.holdout_fraction = 0.1  # tail of the train split held out as validation (paper: 10%).

@@ -32,8 +32,10 @@ import os
 
 import numpy as np
 
+from igpt_jax import errors
 
-class ConversionError(ValueError):
+
+class ConversionError(errors.UserError, ValueError):
   """The input cannot be converted; the message says why and what to do."""
 
 
@@ -330,11 +332,37 @@ def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: in
   return write_run(workdir, params, palette, config_for(params, num_heads, base_config))
 
 
+EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
+
+
+def _check_export_dir(output_dir: str) -> None:
+  """Export writes into a new or empty directory, or over a previous export; never elsewhere
+  (e.g. a training run, whose config.json it would replace)."""
+  if not os.path.exists(output_dir):
+    return
+  if not os.path.isdir(output_dir):
+    raise ConversionError(f"--output={output_dir} is a file; pass a directory to export into.")
+  entries = set(os.listdir(output_dir))
+  previous_export = False
+  if entries and entries <= set(EXPORT_FILES) and "config.json" in entries:
+    try:
+      with open(os.path.join(output_dir, "config.json")) as f:
+        previous_export = json.load(f).get("model_type") == "imagegpt"
+    except (OSError, ValueError):
+      previous_export = False
+  if entries and not previous_export:
+    raise ConversionError(
+        f"--output={output_dir} is not empty and is not a previous export (it holds "
+        f"{', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); nothing was "
+        "written. Export into a new or empty directory.")
+
+
 def export_hf(workdir: str, output_dir: str, config) -> str:
   """Our run's latest checkpoint -> a transformers `save_pretrained`-style directory."""
   from igpt_jax import palette as palette_lib  # pylint: disable=g-import-not-at-top
   if config.objective != "next_pixel":
     raise ConversionError("only next-pixel models map onto ImageGPTForCausalImageModeling.")
+  _check_export_dir(output_dir)
   params, step, _ = _restore_params(workdir, config)
   centers = palette_lib.load(os.path.join(workdir, "palette.npy"), config.palette_size)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -377,19 +405,27 @@ def main(argv):
   cli.start(argv, f)
   if f.to == "hf":
     if not f.output:
-      raise SystemExit("error: --to=hf needs --output=DIR")
+      raise errors.FlagError("--to=hf needs --output=DIR (the directory to write).")
     import ml_collections  # pylint: disable=g-import-not-at-top
-    with open(os.path.join(f.workdir, "config.json")) as fh:
-      config = ml_collections.ConfigDict(json.load(fh))
-    print(f"Wrote {export_hf(f.workdir, f.output, config)}")
+    from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    saved = checkpointing.saved_config(f.workdir)
+    if saved is None:
+      raise errors.MissingError(f"{f.workdir} has no config.json: it holds no run. Pass the "
+                                "--workdir of a trained or imported run.")
+    print(f"Wrote {export_hf(f.workdir, f.output, ml_collections.ConfigDict(saved))}")
+  elif f.source and not f.input:
+    raise errors.FlagError(f"--source={f.source} needs --input=PATH (hf: a save_pretrained "
+                           "directory; openai: the checkpoint prefix).")
   elif f.source == "hf":
     print(f"Wrote {import_hf(f.input, f.workdir)}")
   elif f.source == "openai":
     if not f.palette:
-      raise SystemExit("error: --source=openai needs --palette=kmeans_centers.npy")
+      raise errors.FlagError("--source=openai needs --palette=kmeans_centers.npy.")
     print(f"Wrote {import_openai(f.input, f.palette, f.workdir, num_heads=f.num_heads)}")
   else:
-    raise SystemExit("error: give --source=hf|openai --input=... or --to=hf --output=...")
+    raise errors.FlagError("nothing to do: import with --source=hf|openai --input=PATH "
+                           "--workdir=NEW_DIR, or export with --to=hf --workdir=RUN "
+                           "--output=DIR.")
 
 
 def _define_flags():
@@ -407,10 +443,9 @@ def _define_flags():
 
 
 def run_cli() -> None:
-  from absl import app  # pylint: disable=g-import-not-at-top
   from igpt_jax import cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(lambda argv: cli.run_reporting_user_errors(main, argv))
+  cli.run(lambda argv: cli.run_reporting_user_errors(main, argv))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ from typing import Optional
 
 import jax
 
+from igpt_jax import errors
+
+
+class DistributedError(errors.UserError, ValueError):
+  """The multi-process settings (flags or $IGPT_* variables) cannot work."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -38,7 +44,7 @@ def _env_int(name: str) -> Optional[int]:
   try:
     return int(value)
   except ValueError as e:
-    raise ValueError(f"${name}={value!r} must be an integer.") from e
+    raise DistributedError(f"${name}={value!r} must be an integer.") from e
 
 
 def settings_from_env(**overrides) -> Settings:
@@ -65,14 +71,14 @@ def plan(settings: Settings) -> Optional[dict]:
   explicit = (settings.coordinator_address, settings.num_processes, settings.process_id)
   if any(v is not None for v in explicit):
     if not all(v is not None for v in explicit):
-      raise ValueError(
+      raise DistributedError(
           "multi-process settings are incomplete: coordinator_address="
           f"{settings.coordinator_address!r}, num_processes={settings.num_processes!r}, "
           f"process_id={settings.process_id!r}. Give all three (flags --coordinator_address, "
           "--num_processes, --process_id or $IGPT_COORDINATOR_ADDRESS, $IGPT_NUM_PROCESSES, "
           "$IGPT_PROCESS_ID), or none for a single process.")
     if not 0 <= settings.process_id < settings.num_processes:
-      raise ValueError(f"process_id={settings.process_id} must be in "
+      raise DistributedError(f"process_id={settings.process_id} must be in "
                        f"[0, num_processes={settings.num_processes}).")
     if settings.num_processes == 1:
       return None

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from igpt_jax import checkpointing
+from igpt_jax import errors
 from igpt_jax import config_lib
 from igpt_jax import features as features_lib
 from igpt_jax import finetune as finetune_lib
@@ -72,7 +73,7 @@ class Evaluator:
     self.workdir = workdir
     self.out_dir = os.path.join(workdir, "eval")
     if not os.path.exists(config.palette_path or os.path.join(workdir, "palette.npy")):
-      raise FileNotFoundError(
+      raise errors.MissingError(
           f"{workdir} has no palette.npy: it holds no trained run. Train first "
           "(python -m igpt_jax.main) or fix --workdir.")
     checkpointing.check_compatible(workdir, config)
@@ -84,7 +85,7 @@ class Evaluator:
     step = config.eval.step if config.eval.step >= 0 else mgr.latest_step()
     if step is None or step not in mgr.all_steps():
       mgr.close()
-      raise FileNotFoundError(
+      raise errors.MissingError(
           f"no checkpoint{'' if config.eval.step < 0 else f' at step {config.eval.step}'} in "
           f"{workdir}/checkpoints (have {sorted(mgr.all_steps())}); train first or fix "
           "--config.eval.step.")
@@ -93,6 +94,13 @@ class Evaluator:
     mgr.close()
     self.step = int(step)
     self.num_classes = self.trainer.source.num_classes
+    classifying = {"linear_probe", "low_data", "finetune"} & set(
+        t.strip() for t in config.eval.tasks.split(","))
+    if self.num_classes < 2 and classifying:
+      raise probe.ProbeError(
+          f"{data_config.dataset} has {self.num_classes} class; {', '.join(sorted(classifying))} "
+          "need at least 2 (with one, every accuracy is trivially 100%). Evaluate on a labelled "
+          "dataset (config.eval.dataset) or run only config.eval.tasks=bits_per_dim.")
     e = data_config.eval
     self.layers = features_lib.parse_layers(e.layers, data_config.model.num_layers)
     self._extractor = None

@@ -4,7 +4,8 @@ Unlike `tfds.folder_dataset.ImageFolder`, which re-reads loose files on every pa
 converts the folder once into tfds' ArrayRecord format (the original encoded bytes, not
 re-encoded, in an order shuffled by tfds), so records are read by index like any tfds data
 source. Each source folder gets its own prepared copy under `data_dir`, keyed by its absolute
-path. Corrupt or empty image files fail the conversion with the file named.
+path and its content (every image's name, size and modification time): a folder that changed
+after its conversion is converted again, never silently read as it was. Corrupt or empty image files fail the conversion with the file named.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image as PILImage
 
+from igpt_jax import errors
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
@@ -26,7 +29,7 @@ def _listdirs(path):
 def scan_folder(root: str) -> dict[str, list[tuple[str, str]]]:
   """Returns {split: [(image path, label name), ...]} for a `<split>/<label>/<file>` tree."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"dataset folder {root} does not exist. config.dataset must be a tfds name or a folder "
         "laid out as <split>/<label>/<image file> (e.g. train/cat/0001.jpg).")
   splits = {}
@@ -39,28 +42,43 @@ def scan_folder(root: str) -> dict[str, list[tuple[str, str]]]:
     if items:
       splits[split] = items
   if not splits:
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"dataset folder {root} holds no images in the layout <split>/<label>/<image file> "
         f"(extensions {IMAGE_EXTENSIONS}).")
   return splits
 
 
+class ImageFileError(errors.UserError, ValueError):
+  """An image file in a dataset folder is empty or cannot be decoded."""
+
+
 def check_image(path: str) -> None:
-  """Raises ValueError naming `path` if it is empty or not a decodable image."""
+  """Raises ImageFileError naming `path` if it is empty or not a decodable image."""
   if os.path.getsize(path) == 0:
-    raise ValueError(f"image file {path} is empty; delete or replace it.")
+    raise ImageFileError(f"image file {path} is empty; delete or replace it.")
   try:
     with PILImage.open(path) as im:
       im.verify()
   except Exception as e:  # PIL raises many types for corrupt files.
-    raise ValueError(f"image file {path} is corrupt or not an image ({e}); delete or "
-                     "replace it.") from e
+    raise ImageFileError(f"image file {path} is corrupt or not an image ({e}); delete or "
+                         "replace it.") from e
 
 
-def prepared_dir(root: str, data_dir: str) -> str:
+def content_key(root: str, splits: dict) -> str:
+  """A digest of the folder's path and every image's relative name, size and mtime."""
+  digest = hashlib.sha1(os.path.abspath(root).encode())
+  for split in sorted(splits):
+    for path, label in splits[split]:
+      st = os.stat(path)
+      digest.update(f"{os.path.relpath(path, root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n"
+                    .encode())
+  return digest.hexdigest()[:10]
+
+
+def prepared_dir(root: str, data_dir: str, splits: dict) -> str:
   root = os.path.abspath(root)
-  key = hashlib.sha1(root.encode()).hexdigest()[:10]
-  return os.path.join(data_dir, "igpt_image_folders", f"{os.path.basename(root)}-{key}")
+  return os.path.join(data_dir, "igpt_image_folders",
+                      f"{os.path.basename(root)}-{content_key(root, splits)}")
 
 
 class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -74,7 +92,7 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
     self._root = os.path.abspath(root)
     self._splits = scan_folder(self._root)
     self._labels = sorted({label for items in self._splits.values() for _, label in items})
-    super().__init__(data_dir=prepared_dir(self._root, data_dir), **kwargs)
+    super().__init__(data_dir=prepared_dir(self._root, data_dir, self._splits), **kwargs)
 
   def _info(self):
     return self.dataset_info_from_configs(
@@ -124,7 +142,7 @@ def extract_archive(archive: str, cache_dir: str) -> str:
   marker = os.path.join(dest, ".complete")
   if not os.path.exists(marker):
     if not os.path.exists(archive):
-      raise FileNotFoundError(f"archive {archive} does not exist.")
+      raise errors.MissingError(f"archive {archive} does not exist.")
     os.makedirs(dest, exist_ok=True)
     with tarfile.open(archive) as tar:
       tar.extractall(dest, filter="data")

@@ -38,6 +38,7 @@ import numpy as np
 from absl import flags
 from PIL import Image as PILImage
 
+from igpt_jax import errors
 from igpt_jax import image_folder
 from igpt_jax import palette as palette_lib
 
@@ -45,7 +46,7 @@ BUILTIN = ("digits",)
 FILE_FORMAT = "array_record"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(errors.UserError, RuntimeError):
   """The configured dataset cannot be read; the message says what to do."""
 
 
@@ -166,6 +167,12 @@ def _array_record_builder(make, name: str):
   raise AssertionError("unreachable")
 
 
+def _find_cause(e: BaseException, kind):
+  while e is not None and not isinstance(e, kind):
+    e = e.__cause__ or e.__context__
+  return e
+
+
 def _open_builder(config):
   name = config.dataset
   if _is_folder(name):
@@ -174,8 +181,13 @@ def _open_builder(config):
         image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
     if not builder.is_prepared():
       print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
-            "(once) ...", flush=True)
-      builder.download_and_prepare()
+            "(once per folder content) ...", flush=True)
+      try:
+        builder.download_and_prepare()
+      except Exception as e:  # pylint: disable=broad-except  # tfds wraps the generator's errors
+        bad = _find_cause(e, image_folder.ImageFileError)
+        raise DatasetError(f"could not convert image folder {name}: "
+                           f"{bad or f'{type(e).__name__}: {e}'}") from e
     _check_random_access(builder, name)
     return builder
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -440,14 +452,19 @@ def eval_iterator(config, source: Source, centers, split: str, *, local_batch: i
     it.close()
 
 
-def palette_pixels(config, source: Source) -> np.ndarray:
-  """RGB uint8 pixels [palette_fit_pixels, 3] drawn from the first training images.
+def palette_pixels(config, source: Source) -> tuple[np.ndarray, int]:
+  """(RGB uint8 pixels [<= palette_fit_pixels, 3] drawn from the first training images, how
+  many images they were drawn from).
 
   Every process reads the same images, so all of them would fit the same palette.
   """
   n = min(config.palette_fit_images, source.split_sizes["train"])
+  if n == 0:
+    raise DatasetError(f"the training split of {source.name!r} is empty: there is nothing to "
+                       "fit a palette on or train with. Lower config.holdout_fraction or use a "
+                       "larger dataset.")
   ds = eval_images(config, source, "train", sharded=False)[:n].batch(256)
   pixels = np.concatenate([b["image"].reshape(-1, 3) for b in iterate(ds, config)])
   rng = np.random.default_rng(config.seed)
   take = min(config.palette_fit_pixels, len(pixels))
-  return pixels[rng.choice(len(pixels), take, replace=False)]
+  return pixels[rng.choice(len(pixels), take, replace=False)], n

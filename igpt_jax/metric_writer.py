@@ -18,8 +18,23 @@ class MetricWriter:
     if self._enabled:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(self._path, "a")
       self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def forget_after(self, step: int) -> None:
+    """Drops the rows of steps after `step` (logged before a crash, or after the checkpoint a
+    resume fell back to): the resumed run logs them again, so each step keeps one row."""
+    if not self._enabled:
+      return
+    self._jsonl.close()
+    with open(self._path) as f:
+      rows = [line for line in f if line.strip() and _step_of(line) <= step]
+    tmp = self._path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(rows)
+    os.replace(tmp, self._path)
+    self._jsonl = open(self._path, "a")
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._enabled:
@@ -38,3 +53,10 @@ class MetricWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _step_of(line: str) -> int:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):  # a line cut by a crash: drop it
+    return 1 << 62

@@ -15,6 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from igpt_jax import errors
+
+
+class PaletteError(errors.UserError, ValueError):
+  """A palette file or fit cannot work; the message says why and what to do."""
+
 
 def to_unit(pixels):
   """uint8-range pixels -> [-1, 1] float32."""
@@ -167,7 +173,9 @@ def fit(pixels, k: int, *, seed: int = 0, iterations: int = 30):
   """Fits a k-color palette to RGB pixels [N, 3] (uint8 range). Returns (k, 3) float32."""
   pixels = np.asarray(pixels).reshape(-1, 3)
   if pixels.shape[0] < k:
-    raise ValueError(f"palette fit needs at least k={k} pixels, got {pixels.shape[0]}")
+    raise PaletteError(f"a {k}-color palette needs at least {k} pixels to fit; got "
+                       f"{pixels.shape[0]}. Lower config.palette_size, raise "
+                       "config.palette_fit_pixels / palette_fit_images, or use more images.")
   centers = _kmeans(jax.random.PRNGKey(seed), to_unit(jnp.asarray(pixels)), k, iterations)
   return np.asarray(centers, np.float32)
 
@@ -177,16 +185,16 @@ def load(path: str, k: int) -> np.ndarray:
   try:
     centers = np.load(path)
   except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read palette file {path}: {e}. Delete it to refit, or set "
+    raise PaletteError(f"cannot read palette file {path}: {e}. Delete it to refit, or set "
                      "config.palette_path to a valid (k, 3) .npy file.") from e
   if centers.ndim != 2 or centers.shape != (k, 3) or not np.issubdtype(centers.dtype,
                                                                        np.floating):
-    raise ValueError(
+    raise PaletteError(
         f"palette file {path} holds a {centers.dtype} array of shape {centers.shape}; "
         f"config.palette_size={k} needs a float array of shape ({k}, 3) with values in "
         "[-1, 1]. Fix config.palette_size or point config.palette_path at a matching file.")
   if not np.all(np.isfinite(centers)) or np.abs(centers).max() > 1.0 + 1e-6:
-    raise ValueError(f"palette file {path} has values outside [-1, 1] (pixels are scaled "
+    raise PaletteError(f"palette file {path} has values outside [-1, 1] (pixels are scaled "
                      "with px / 127.5 - 1); it is not an iGPT palette.")
   return centers.astype(np.float32)
 

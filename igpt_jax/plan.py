@@ -20,12 +20,17 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from igpt_jax import cli  # absl and the error type only: jax is not imported yet
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The config to plan for.", lock_config=True)
 flags.DEFINE_integer("devices", 8, "Number of devices to plan for (faked on the CPU).")
 flags.DEFINE_float("hbm_gib", 16.0, "Memory per device, GiB (v5e 16, v4 32, H100 80).")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of text.")
 flags.mark_flags_as_required(["config"])
+flags.register_validator("devices", lambda n: n > 0, "--devices must be a positive count.")
+flags.register_validator("hbm_gib", lambda g: g > 0,
+                         "--hbm_gib must be > 0 (memory per device: v5e 16, v4 32, H100 80).")
 
 GIB = 1024**3
 
@@ -125,11 +130,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   _fake_devices(FLAGS.devices)
-  from igpt_jax import cli  # pylint: disable=g-import-not-at-top
   render = json.dumps if FLAGS.json else format_plan
   cli.run_reporting_user_errors(
       lambda c: print(render(plan(c, FLAGS.hbm_gib)), flush=True), FLAGS.config)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

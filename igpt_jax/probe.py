@@ -24,6 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from igpt_jax import errors
+
+
+class ProbeError(errors.UserError, ValueError):
+  """The data cannot give a meaningful probe; the message says why."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Standardizer:
@@ -132,11 +138,16 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   Each of train/val/test is (features [n, d], labels [n]).
   """
   if len(train[0]) == 0 or len(val[0]) == 0:
-    raise ValueError("the probe needs non-empty train and validation splits; lower "
-                     "eval.holdout_fraction's complement or use a larger dataset.")
+    raise ProbeError("the probe needs non-empty train and validation splits; set "
+                     "config.eval.holdout_fraction in (0, 1) or use a larger dataset.")
   labels = np.concatenate([train[1], val[1], test[1]])
+  if len(np.unique(train[1])) < 2:
+    raise ProbeError(f"the probe's training split has {len(np.unique(train[1]))} class(es) "
+                     f"(of num_classes={num_classes}); a classifier needs at least 2 or every "
+                     "accuracy is trivially 100%. Evaluate on a labelled dataset with several "
+                     "classes (config.eval.dataset).")
   if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"labels span [{labels.min()}, {labels.max()}], outside "
+    raise ProbeError(f"labels span [{labels.min()}, {labels.max()}], outside "
                      f"[0, {num_classes}): the dataset's num_classes is wrong.")
   scaler = Standardizer.fit(train[0])
   xtr, xva, xte = (jnp.asarray(scaler(s[0])) for s in (train, val, test))

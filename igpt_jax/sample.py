@@ -25,6 +25,7 @@ from absl import flags  # pylint: disable=wrong-import-position
 from ml_collections import config_flags  # pylint: disable=wrong-import-position
 
 from igpt_jax import cli  # pylint: disable=wrong-import-position
+from igpt_jax import errors  # pylint: disable=wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -32,7 +33,8 @@ flags.DEFINE_string("workdir", None, "The run's workdir (checkpoints and palette
 flags.DEFINE_enum("mode", "unconditional", ["unconditional", "complete"], "What to draw.")
 flags.DEFINE_integer("num", 16, "Images to sample, or test images to complete.")
 flags.DEFINE_integer("completions", 4, "Completions per image in --mode=complete.")
-flags.DEFINE_string("split", "test", "Split whose images are completed (train/validation/test).")
+flags.DEFINE_enum("split", "test", ["train", "validation", "test"],
+                  "Split whose images are completed.")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
 flags.DEFINE_integer("top_k", 0, "Sample from the k most likely colors (0: all).")
 flags.DEFINE_float("top_p", 1.0, "Sample from the smallest set of colors with this mass.")
@@ -41,6 +43,21 @@ flags.DEFINE_integer("per_step", 16, "Masked-pixel models: pixels committed per 
 flags.DEFINE_integer("seed", 0, "Sampling seed; the same seed gives the same images.")
 cli.define_distributed_flags(flags)
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_validator("num", lambda n: n > 0, "--num must be a positive number of images.")
+flags.register_validator("completions", lambda n: n > 0,
+                         "--completions must be a positive number per image.")
+flags.register_validator("per_step", lambda n: n > 0,
+                         "--per_step must be a positive number of pixels per pass.")
+flags.register_multi_flags_validator(
+    ["temperature", "top_k", "top_p"],
+    lambda f: not _sampling_problems(f["temperature"], f["top_k"], f["top_p"]),
+    "sampling settings: --temperature > 0 (--greedy for the most likely colors), --top_k >= 0, "
+    "0 < --top_p <= 1.")
+
+
+def _sampling_problems(temperature, top_k, top_p):
+  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
+  return sampling.sampling_problems(temperature, top_k, top_p)
 
 
 def half_masked(images: np.ndarray) -> np.ndarray:
@@ -59,7 +76,7 @@ def run(config, workdir: str) -> list[str]:
 
   palette_path = config.palette_path or os.path.join(workdir, "palette.npy")
   if not os.path.exists(palette_path):
-    raise FileNotFoundError(f"no palette at {palette_path}: {workdir} holds no trained run. "
+    raise errors.MissingError(f"no palette at {palette_path}: {workdir} holds no trained run. "
                             "Train first (python -m igpt_jax.main) or fix --workdir.")
   checkpointing.check_compatible(workdir, config)
   trainer = train.Trainer(config, workdir)
@@ -67,7 +84,7 @@ def run(config, workdir: str) -> list[str]:
   params, step, _ = trainer.restore_latest(mgr, params_only=True)
   mgr.close()
   if params is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first.")
+    raise errors.MissingError(f"no checkpoint in {workdir}/checkpoints; train first.")
   cfg = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy)
   rng = jax.random.PRNGKey(FLAGS.seed)
@@ -108,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

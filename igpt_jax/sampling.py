@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from igpt_jax import errors
 from igpt_jax import model as model_lib
 
 
@@ -38,6 +39,25 @@ class SamplingConfig:
   top_k: int = 0  # keep the k most likely colors; 0 keeps all.
   top_p: float = 1.0  # keep the smallest set of colors with this much probability; 1.0 keeps all.
   greedy: bool = False
+
+  def __post_init__(self):
+    problems = sampling_problems(self.temperature, self.top_k, self.top_p)
+    if problems:
+      raise errors.FlagError("; ".join(problems))
+
+
+def sampling_problems(temperature: float, top_k: int, top_p: float) -> list[str]:
+  """What is wrong with these sampling settings (empty when they can work)."""
+  problems = []
+  if not temperature > 0:
+    problems.append(f"temperature={temperature} must be > 0 (it divides the logits; 0 would "
+                    "make every pixel color 0 and < 0 inverts the distribution): use greedy "
+                    "decoding (--greedy) for the most likely colors")
+  if top_k < 0:
+    problems.append(f"top_k={top_k} must be >= 0 (0 keeps all colors)")
+  if not 0 < top_p <= 1:
+    problems.append(f"top_p={top_p} must be in (0, 1] (1 keeps all colors)")
+  return problems
 
 
 def filter_logits(logits, cfg: SamplingConfig):

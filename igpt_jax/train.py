@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
+from igpt_jax import errors
 from igpt_jax import config_lib
 from igpt_jax import flops
 from igpt_jax import images as images_lib
@@ -228,11 +230,11 @@ class Trainer:
     if os.path.exists(path):
       return palette_lib.load(path, c.palette_size)
     if c.palette_path:
-      raise FileNotFoundError(f"config.palette_path={c.palette_path!r} does not exist; fix the "
+      raise errors.MissingError(f"config.palette_path={c.palette_path!r} does not exist; fix the "
                               "path or set it to '' to fit a palette into the workdir.")
-    log(f"Fitting a {c.palette_size}-color palette on {c.palette_fit_pixels} pixels of "
-        f"{c.palette_fit_images} training images ...")
-    pixels = input_pipeline.palette_pixels(c, self.source)
+    pixels, num_images = input_pipeline.palette_pixels(c, self.source)
+    log(f"Fitting a {c.palette_size}-color palette on {len(pixels):,} pixels of "
+        f"{num_images:,} training images ...")
     centers = palette_lib.fit(pixels, c.palette_size, seed=c.seed,
                               iterations=c.palette_fit_iterations)
     # Identical on every process, whatever each host computed.
@@ -267,7 +269,7 @@ class Trainer:
           state = checkpointing.restore(mgr, step, self.abstract_state)
         next_index = checkpointing.data_position(mgr, step)
       except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        reason = checkpointing.failure_reason(e)
         log(f"Skipping checkpoint {step}: it does not restore ({reason}).")
         failures.append((step, reason))
         continue
@@ -291,9 +293,12 @@ class Trainer:
     with sharding.use(self.mesh, self.config):
       return self._train_step(state, sharding.global_batch(local_batch, self.mesh))
 
-  def evaluate(self, params, split: str, num_batches: int) -> dict:
-    """Mean nats per token and bits/dim on `split` (num_batches=-1: all of it)."""
+  def evaluate(self, params, split: str, num_batches: int):
+    """Mean nats per token and bits/dim on `split` (num_batches=-1: all of it); None if the
+    split is empty (holdout_fraction=0 leaves no validation split)."""
     c = self.config
+    if self.source.split_sizes[split] == 0:
+      return None
     it = input_pipeline.eval_iterator(
         c, self.source, self.centers, split, local_batch=self.local_batch,
         num_batches=num_batches, process_index=jax.process_index(),
@@ -305,7 +310,7 @@ class Trainer:
         out = self._eval_step(params, sharding.global_batch(batch, self.mesh), rng)
         nats += float(out["nats_sum"])
         count += float(out["count"])
-    loss = nats / max(count, 1.0)
+    loss = nats / count
     return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
 
   def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
@@ -435,8 +440,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   Returns the final train state and the metrics of the last logged step. Raises `Preempted`
   after checkpointing when SIGTERM (or a preemption notice) arrives.
   """
-  os.makedirs(workdir, exist_ok=True)
-  checkpointing.check_compatible(workdir, config)
+  checkpointing.check_workdir(workdir, write=True)
+  checkpointing.check_compatible(workdir, config, data=True)
   trainer = Trainer(config, workdir)
   c = config
   seq_len = c.image_size**2
@@ -445,7 +450,18 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
       f"{c.image_size} ({seq_len} tokens), palette {c.palette_size}; mesh "
       f"{dict(trainer.mesh.shape)}; {jax.process_count()} process(es), "
       f"{jax.device_count()} device(s); warmup {trainer.warmup} steps.")
+  sizes = trainer.source.split_sizes
+  if sizes["validation"] == 0:
+    log(f"No validation split (holdout_fraction={c.holdout_fraction}): validation bits/dim is "
+        "not computed; set config.holdout_fraction > 0 to hold out part of the train split.")
+  if sizes["train"] < c.batch_size:
+    log(f"Warning: the training split has {sizes['train']:,} images, fewer than one batch "
+        f"({c.batch_size}): every batch repeats them. Lower config.holdout_fraction "
+        f"({c.holdout_fraction}) or use a larger dataset.")
   if jax.process_index() == 0:
+    saved = checkpointing.saved_config(workdir)
+    if saved is not None and saved != json.loads(config.to_json_best_effort()):
+      checkpointing.keep_config_history(workdir)
     checkpointing.save_config(workdir, config)
 
   mgr = checkpointing.manager(workdir, config)
@@ -469,6 +485,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
     log(f"Resumed from checkpoint at step {latest}.")
     log(f"Data position: example {start_index:,} of the training stream.")
   start = int(state.step)
+  writer.forget_after(start)
 
   # Exact resume: the stream is read by index from the saved position, at a cost that does
   # not depend on how far training got.
@@ -477,6 +494,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       start_index=start_index, process_index=jax.process_index(),
       process_count=jax.process_count())
 
+  has_validation = trainer.source.split_sizes["validation"] > 0
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step = {}, 0, latest
   for step in range(start + 1, c.total_steps + 1):
@@ -494,7 +512,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       last["tokens_per_sec"] = len(pending) * c.batch_size * seq_len / max(now - t_last, 1e-9)
       last.update(throughput(last["tokens_per_sec"], trainer.flops_per_token, c))
       pending, t_last = [], now
-      if step % c.eval_every_steps == 0 or is_last:
+      if (step % c.eval_every_steps == 0 or is_last) and has_validation:
         val = trainer.evaluate(state.params, "validation", c.eval_batches)
         last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       writer.write(step, last)

@@ -1,0 +1,284 @@
+"""Bad input through the real command-line tools: each mistake exits with status 2 and one
+message that names the input and the fix, prints no traceback, and changes no file of an
+existing run. Plus the inputs that used to be accepted and give wrong results."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from conftest import metrics_by_step
+from conftest import quickstart_config
+from igpt_jax import image_folder
+from igpt_jax import input_pipeline
+from igpt_jax import sampling
+from igpt_jax import train
+
+QUICKSTART = "--config=configs/quickstart.py"
+
+
+def snapshot(root) -> dict:
+  """{relative path: sha1} of every file under root."""
+  out = {}
+  for base, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(base, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
+  return out
+
+
+@pytest.fixture(scope="module")
+def run(trained_quickstart, tmp_path_factory):
+  """A copy of the trained quickstart run (so that no test can damage the shared one)."""
+  path = str(tmp_path_factory.mktemp("bad_input") / "run")
+  shutil.copytree(trained_quickstart, path)
+  return path
+
+
+def write_image(path, array):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(array).save(path)
+
+
+def tiny_folder(root, classes=("a", "b"), per_class=3, size=8):
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for label in classes:
+      for i in range(per_class):
+        write_image(os.path.join(root, split, label, f"{i}.png"),
+                    rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+  return str(root)
+
+
+def cli(tool, *args, timeout=300):
+  return subprocess.run([sys.executable, "-m", f"igpt_jax.{tool}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def assert_user_error(out, *phrases):
+  text = out.stdout + out.stderr
+  assert out.returncode == 2, (out.returncode, text[-3000:])
+  assert "Traceback" not in text, text[-3000:]
+  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, out.stderr[-3000:]
+  for phrase in phrases:
+    assert phrase in errors[0], (phrase, errors[0])
+
+
+# --- main ---------------------------------------------------------------------------------
+
+def bad_config_file(tmp_path):
+  path = tmp_path / "bad.py"
+  path.write_text("def get_config(:\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("case", [
+    "unknown field", "unknown nested field", "missing config file", "config does not parse",
+    "bad override value", "model changed", "dataset changed", "truncated config.json",
+    "palette wrong shape", "palette pickled objects",
+])
+def test_main_on_an_existing_run(run, tmp_path, case):
+  """Each mistake against a trained run is refused before anything is written to it."""
+  workdir = run
+  args = [QUICKSTART, f"--workdir={workdir}", "--config.total_steps=130",
+          "--config.num_samples=0"]
+  expect = []
+  restore = None
+  if case == "unknown field":
+    args.append("--config.modle.width=3")
+    expect = ["'modle'", "did you mean 'model'?"]
+  elif case == "unknown nested field":
+    args.append("--config.model.widht=3")
+    expect = ["'widht'", "did you mean 'width'?"]
+  elif case == "missing config file":
+    args[0] = "--config=configs/no_such_config.py"
+    expect = ["configs/no_such_config.py does not exist", "--config="]
+  elif case == "config does not parse":
+    args[0] = f"--config={bad_config_file(tmp_path)}"
+    expect = ["bad.py does not parse", "line 1"]
+  elif case == "bad override value":
+    args.append("--config.batch_size=abc")
+    expect = ["--config.batch_size=abc", "invalid literal"]
+  elif case == "model changed":
+    args.append("--config.model.width=64")
+    expect = ["model.width: saved 128, now 64", "new --workdir"]
+  elif case == "dataset changed":
+    args.append(f"--config.dataset={tiny_folder(tmp_path / 'other')}")
+    expect = ["trained on other data", "dataset: saved 'digits'", "allow_data_change"]
+  elif case == "truncated config.json":
+    path = os.path.join(workdir, "config.json")
+    restore = open(path).read()
+    with open(path, "w") as f:
+      f.write(restore[:40])
+    expect = ["config.json is truncated or not JSON", "Restore it from a copy"]
+  elif case == "palette wrong shape":
+    np.save(tmp_path / "p.npy", np.zeros((3, 3), np.float32))
+    args.append(f"--config.palette_path={tmp_path / 'p.npy'}")
+    expect = ["p.npy holds a float32 array of shape (3, 3)", "(16, 3)"]
+  elif case == "palette pickled objects":
+    np.save(tmp_path / "p.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    args.append(f"--config.palette_path={tmp_path / 'p.npy'}")
+    expect = ["cannot read palette file", "p.npy", "Delete it to refit"]
+  before = snapshot(workdir)
+  try:
+    out = cli("main", *args)
+    assert_user_error(out, *expect)
+    assert snapshot(workdir) == before  # no file of the run was touched
+  finally:
+    if restore is not None:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(restore)
+
+
+def test_main_workdir_that_is_a_file_or_unwritable(tmp_path):
+  a_file = tmp_path / "f"
+  a_file.write_text("x")
+  assert_user_error(cli("main", QUICKSTART, f"--workdir={a_file}"), "is a file", "directory")
+  # /sys is read-only even for root: the check runs before the palette is fitted.
+  assert_user_error(cli("main", QUICKSTART, "--workdir=/sys/igpt_jax_test_run"),
+                    "/sys/igpt_jax_test_run is not writable", "permissions")
+
+
+def test_main_fewer_training_pixels_than_colors(tmp_path):
+  """Two 8x8 digits are 128 pixels: too few for a 512-color palette. The message gives the
+  counts actually used, not the config's."""
+  out = cli("main", QUICKSTART, f"--workdir={tmp_path / 'run'}", "--config.palette_size=512",
+            "--config.palette_fit_images=2")
+  assert_user_error(out, "512-color palette needs at least 512 pixels", "got 128",
+                    "palette_fit_images")
+  assert "on 128 pixels of 2 training images" in out.stdout
+
+
+def test_main_corrupt_image_in_a_folder_is_named(tmp_path):
+  root = tiny_folder(tmp_path / "imgs")
+  (tmp_path / "imgs" / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  (tmp_path / "imgs" / "train" / "b" / "empty.png").write_bytes(b"")
+  out = cli("main", QUICKSTART, f"--workdir={tmp_path / 'run'}", f"--config.dataset={root}",
+            f"--config.data_dir={tmp_path / 'tfds'}")
+  assert_user_error(out, "could not convert image folder", "delete or replace it")
+  assert "broken.jpg" in out.stderr or "empty.png" in out.stderr
+
+
+# --- sample, plan, convert, evaluate --------------------------------------------------------
+
+@pytest.mark.parametrize("flag,phrase", [
+    ("--num=0", "--num must be a positive"), ("--num=-3", "--num must be a positive"),
+    ("--top_k=-5", "--top_k >= 0"), ("--split=bogus", "--split"),
+    ("--temperature=0", "--temperature > 0"), ("--temperature=-1", "--greedy"),
+    ("--top_p=0", "0 < --top_p <= 1"), ("--completions=0", "--completions must be a positive"),
+])
+def test_sample_flags(run, flag, phrase):
+  before = snapshot(run)
+  assert_user_error(cli("sample", QUICKSTART, f"--workdir={run}", flag), phrase)
+  assert snapshot(run) == before
+
+
+def test_sampling_config_refuses_what_would_give_wrong_images():
+  for kw in ({"temperature": 0.0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -5}):
+    with pytest.raises(ValueError, match="must be"):
+      sampling.SamplingConfig(**kw)
+  sampling.SamplingConfig(temperature=0.5, top_k=10, top_p=0.9)  # fine
+
+
+@pytest.mark.parametrize("flag,phrase", [("--devices=0", "--devices must be a positive"),
+                                         ("--hbm_gib=0", "--hbm_gib must be > 0")])
+def test_plan_flags(flag, phrase):
+  assert_user_error(cli("plan", QUICKSTART, flag), phrase)
+
+
+def test_convert_without_a_direction_or_input(run, tmp_path):
+  assert_user_error(cli("convert", f"--workdir={tmp_path / 'x'}"), "nothing to do",
+                    "--source=hf|openai", "--to=hf")
+  assert_user_error(cli("convert", "--source=hf", f"--workdir={tmp_path / 'x'}"),
+                    "--source=hf needs --input=PATH")
+  assert_user_error(cli("convert", "--to=hf", f"--workdir={tmp_path / 'none'}",
+                        f"--output={tmp_path / 'out'}"), "has no config.json")
+
+
+def test_export_never_writes_into_a_training_run(run, tmp_path):
+  """--to=hf into a non-empty directory that is not a previous export (here the run itself)
+  is refused; a fresh directory, then the same one again, work."""
+  pytest.importorskip("safetensors")
+  before = snapshot(run)
+  out = cli("convert", "--to=hf", f"--workdir={run}", f"--output={run}")
+  assert_user_error(out, "is not empty and is not a previous export", "new or empty directory")
+  assert snapshot(run) == before
+  target = tmp_path / "export"
+  for _ in range(2):  # a previous export may be overwritten
+    out = cli("convert", "--to=hf", f"--workdir={run}", f"--output={target}")
+    assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(os.listdir(target)) == ["config.json", "model.safetensors",
+                                        "preprocessor_config.json"]
+  assert snapshot(run) == before
+
+
+def test_probe_on_a_one_class_dataset_is_refused(run, tmp_path):
+  root = tiny_folder(tmp_path / "one", classes=("only",), per_class=6)
+  before = snapshot(run)
+  out = cli("evaluate", QUICKSTART, f"--workdir={run}", f"--config.eval.dataset={root}",
+            f"--config.data_dir={tmp_path / 'tfds'}", "--config.eval.tasks=linear_probe")
+  assert_user_error(out, "has 1 class", "at least 2", "bits_per_dim")
+  assert snapshot(run) == before
+
+
+# --- accepted before, and wrong ----------------------------------------------------------------
+
+def test_no_validation_split_is_said_not_logged_as_zero(tmp_path, capsys):
+  workdir = str(tmp_path)
+  config = quickstart_config(total_steps=4, eval_every_steps=2, checkpoint_every_steps=4,
+                             log_every_steps=2, warmup_steps=1, holdout_fraction=0.0)
+  _, result = train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert "No validation split (holdout_fraction=0.0)" in out
+  assert "val bits/dim" not in out and "val_loss" not in result
+  assert all("val_bits_per_dim" not in row for row in metrics_by_step(workdir).values())
+
+
+def test_a_tiny_training_split_is_warned_about(tmp_path, capsys):
+  config = quickstart_config(total_steps=2, eval_every_steps=2, checkpoint_every_steps=2,
+                             log_every_steps=1, warmup_steps=1, holdout_fraction=0.99)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert ("Warning: the training split has 15 images, fewer than one batch (64)"
+          in capsys.readouterr().out)
+
+
+def test_a_changed_image_folder_is_converted_again(tmp_path):
+  root = tiny_folder(tmp_path / "imgs", classes=("a", "b", "c"))
+  config = quickstart_config(dataset=root, data_dir=str(tmp_path / "tfds"), image_size=8,
+                             holdout_fraction=0.0)
+  first = input_pipeline.open_source(config)
+  assert first.num_classes == 3 and first.split_sizes["train"] == 9
+  shutil.rmtree(tmp_path / "imgs" / "train" / "c")
+  shutil.rmtree(tmp_path / "imgs" / "test" / "c")
+  second = input_pipeline.open_source(config)
+  assert second.num_classes == 2 and second.split_sizes["train"] == 6
+  (tmp_path / "imgs" / "train" / "a" / "new.jpg").write_bytes(b"\xff\xd8 corrupt")
+  with pytest.raises(input_pipeline.DatasetError, match="new.jpg"):
+    input_pipeline.open_source(config)
+  os.remove(tmp_path / "imgs" / "train" / "a" / "new.jpg")  # back to the second content:
+  third = input_pipeline.open_source(config)  # its conversion is reused, not redone
+  assert third.num_classes == 2 and third.split_sizes["train"] == 6
+  builder = image_folder.LocalImageFolder(root, data_dir=str(tmp_path / "tfds"))
+  assert builder.is_prepared()
+  assert len(os.listdir(tmp_path / "tfds" / "igpt_image_folders")) == 3  # 2 done, 1 failed
+
+
+def test_resuming_after_a_fallback_keeps_one_metrics_row_per_step(run, tmp_path):
+  """Rows logged after the checkpoint a resume starts from are dropped, then logged anew."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "120"))  # the resume falls back to 60
+  config = quickstart_config(total_steps=120)
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert len(steps) == len(set(steps)) and max(steps) == 120

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import einops
 import flax
 import flax.linen as nn
 import jax
@@ -39,10 +40,16 @@ class TrainState:
   opt_state: Any
 
 
-def warmup_steps(config, train_examples: int) -> int:
-  """config.warmup_steps, with -1 meaning one epoch of the training split (the paper)."""
+def warmup_steps(config, train_examples: int | None = None) -> int:
+  """config.warmup_steps, with -1 meaning one epoch of the training split (the paper).
+
+  Tools that do not open the data (plan, convert) pass no split size: for them the schedule
+  changes neither shapes nor memory, and -1 stands for no warmup.
+  """
   if config.warmup_steps >= 0:
     return config.warmup_steps
+  if train_examples is None:
+    return 0
   return min(config.total_steps, max(1, train_examples // config.batch_size))
 
 
@@ -127,8 +134,7 @@ def make_apply_fn(model):
 def _microbatches(tokens, accum_steps: int):
   """[batch, length] -> [accum_steps, batch / accum_steps, length], microbatch m holding rows
   m, m + k, m + 2k, ...: every device's contiguous share of the batch feeds every microbatch."""
-  batch, length = tokens.shape
-  micro = tokens.reshape(batch // accum_steps, accum_steps, length).swapaxes(0, 1)
+  micro = einops.rearrange(tokens, "(n k) l -> k n l", k=accum_steps)
   return nn.with_logical_constraint(micro, (None, "act_batch", "act_length"))
 
 
@@ -226,7 +232,7 @@ class Trainer:
 
   def _palette(self) -> np.ndarray:
     c = self.config
-    path = c.palette_path or os.path.join(self.workdir, "palette.npy")
+    path = palette_lib.path_for(c, self.workdir)
     if os.path.exists(path):
       return palette_lib.load(path, c.palette_size)
     if c.palette_path:
@@ -438,8 +444,14 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
 
   Returns the final train state and the metrics of the last logged step. Raises `Preempted`
-  after checkpointing when SIGTERM (or a preemption notice) arrives.
+  after checkpointing when SIGTERM (or a preemption notice) arrives, also one that arrives
+  during start-up (the handler is installed first; the stop comes after the first step).
   """
+  with _StopFlag() as stop_flag:
+    return _start_and_train(config, workdir, stop_flag)
+
+
+def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]:
   checkpointing.check_workdir(workdir, write=True)
   checkpointing.check_compatible(workdir, config, data=True)
   trainer = Trainer(config, workdir)
@@ -467,8 +479,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
   mgr = checkpointing.manager(workdir, config)
   writer = metric_writer.MetricWriter(workdir)
   try:
-    with _StopFlag() as stop_flag:
-      return _train_loop(trainer, mgr, writer, stop_flag)
+    return _train_loop(trainer, mgr, writer, stop_flag)
   finally:
     mgr.wait_until_finished()  # a pending async save completes even when the loop raised
     writer.close()

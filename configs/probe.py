@@ -14,21 +14,22 @@ ImageNet probes use minibatch SGD (the paper's choice; 1.2M features do not suit
 L-BFGS solve) and the layers around the middle; CIFAR/STL use full-batch L-BFGS.
 """
 
-import importlib.util
+import importlib
 import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # config_flags runs this file by path; `configs` is a package there
+  sys.path.insert(0, _ROOT)
 
 
 def get_config(arg: str = "s,cifar10"):
   model, _, dataset = arg.partition(",")
   if not dataset:
     raise ValueError(f"configs/probe.py:{arg}: give MODEL,DATASET, e.g. configs/probe.py:s,cifar10")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{model}.py")
-  if not os.path.exists(path):
-    raise ValueError(f"configs/probe.py:{arg}: no pre-training config {path}")
-  spec = importlib.util.spec_from_file_location(f"igpt_config_{model}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  if not os.path.exists(os.path.join(_ROOT, "configs", f"{model}.py")):
+    raise ValueError(f"configs/probe.py:{arg}: no pre-training config configs/{model}.py")
+  c = importlib.import_module(f"configs.{model}").get_config()
   c.eval.dataset = dataset
   if dataset == "imagenet2012":
     c.eval.probe_solver = "sgd"

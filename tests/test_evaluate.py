@@ -221,10 +221,7 @@ def test_probe_on_another_dataset_real_cifar10(trained_quickstart, cifar10_dir, 
 
 
 def test_probe_config_file_targets_the_paper_datasets():
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("probe_cfg", REPO / "configs" / "probe.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  from configs import probe as module  # pylint: disable=g-import-not-at-top
   expect = {"cifar10": "test", "cifar100": "test", "stl10": "test",
             "imagenet2012": "validation"}
   for dataset, test_split in expect.items():

@@ -1,6 +1,6 @@
 """The iGPT transformer: shapes, causality, init, norm math and the paper's parameter counts."""
 
-import importlib.util
+import importlib
 import math
 
 import jax
@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import REPO
 from igpt_jax import model as model_lib
 
 
@@ -30,10 +29,7 @@ def init_params(cfg, seed=0, randomize_head=True):
 
 
 def load_config_file(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return importlib.import_module(f"configs.{name}").get_config()
 
 
 def test_logits_shape_and_zero_head_gives_uniform():
@@ -127,6 +123,19 @@ PAPER_SIZES = {
     "l": (1_362_250_752, 1.4e9),
     "xl": (None, 6.8e9),
 }
+
+
+def test_size_aliases_are_the_imagenet_table():
+  """configs/s.py ... xl.py are configs/imagenet.py:VARIANT; the paper recipe does not clip."""
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  for name in ("s", "m", "l", "xl"):
+    alias, table = load_config_file(name), config_lib.imagenet_config(name)
+    assert alias.to_dict() == table.to_dict()
+    assert importlib.import_module("configs.imagenet").get_config(name).to_dict() == (
+        table.to_dict())
+    assert table.grad_clip_norm == 0.0 and table.adam_b2 == 0.95
+  with pytest.raises(config_lib.ConfigError, match="use one of"):
+    config_lib.imagenet_config("xxl")
 
 
 @pytest.mark.parametrize("name", ["s", "m", "l", "xl"])

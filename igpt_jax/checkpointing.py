@@ -15,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from igpt_jax import errors
+from igpt_jax.config_lib import get_field
 
 # Fields that fix the shapes or meaning of a checkpoint: resuming with other values is an error.
 STATE_DEFINING_FIELDS = ("image_size", "palette_size", "objective", "model.num_layers",
@@ -101,13 +102,6 @@ def abstract_like(tree, shardings):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _get(config, field):
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  return value
-
-
 def save_config(workdir: str, config) -> None:
   path = os.path.join(workdir, "config.json")
   tmp = path + ".tmp"
@@ -158,13 +152,6 @@ def saved_config(workdir: str):
         "kept).") from e
 
 
-def _saved(saved: dict, field: str):
-  value = saved
-  for part in field.split("."):
-    value = value.get(part) if isinstance(value, dict) else None
-  return value
-
-
 def _dataset_key(value):
   """Local folders compare by absolute path; tfds names as written."""
   if isinstance(value, str) and (os.sep in value or value.startswith((".", "~"))):
@@ -180,7 +167,7 @@ def check_compatible(workdir: str, config, *, data: bool = False) -> None:
     return
   diffs = []
   for field in STATE_DEFINING_FIELDS:
-    old, new = _saved(saved, field), _get(config, field)
+    old, new = get_field(saved, field, None), get_field(config, field)
     if old is not None and old != new:
       diffs.append(f"{field}: saved {old!r}, now {new!r}")
   if diffs:
@@ -191,7 +178,7 @@ def check_compatible(workdir: str, config, *, data: bool = False) -> None:
   if not data or config.get("allow_data_change", False):
     return
   for field in DATA_DEFINING_FIELDS:
-    old, new = _saved(saved, field), _get(config, field)
+    old, new = get_field(saved, field, None), get_field(config, field)
     if field == "dataset":
       old, new = _dataset_key(old), _dataset_key(new)
     if old is not None and old != new:

@@ -233,7 +233,7 @@ def _model_state(config):
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, jax.device_count())
-  model, _, tx = train.model_and_optimizer(config, max(config.warmup_steps, 0))
+  model, _, tx = train.model_and_optimizer(config, train.warmup_steps(config))
   state, shardings = train.create_train_state(model, tx, sharding.make_mesh(config), config,
                                               jax.random.PRNGKey(config.seed))
   return model, tx, state, shardings
@@ -247,7 +247,7 @@ def _restore_params(workdir: str, config):
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, jax.device_count())
-  model, _, tx = train.model_and_optimizer(config, max(config.warmup_steps, 0))
+  model, _, tx = train.model_and_optimizer(config, train.warmup_steps(config))
   abstract, _ = train.abstract_train_state(model, tx, sharding.make_mesh(config), config)
   mgr = checkpointing.manager(workdir, config)
   step = mgr.latest_step()
@@ -364,7 +364,7 @@ def export_hf(workdir: str, output_dir: str, config) -> str:
     raise ConversionError("only next-pixel models map onto ImageGPTForCausalImageModeling.")
   _check_export_dir(output_dir)
   params, step, _ = _restore_params(workdir, config)
-  centers = palette_lib.load(os.path.join(workdir, "palette.npy"), config.palette_size)
+  centers = palette_lib.load_for_run(config, workdir)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
   save_file(to_hf_state(params), os.path.join(output_dir, "model.safetensors"),
@@ -393,7 +393,7 @@ def logits_fn(workdir: str, config=None):
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
   params, _, model = _restore_params(workdir, config)
-  centers = palette_lib.load(os.path.join(workdir, "palette.npy"), config.palette_size)
+  centers = palette_lib.load_for_run(config, workdir)
   apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
   return (lambda tokens: np.asarray(apply(params, np.asarray(tokens, np.int32)))), centers
 

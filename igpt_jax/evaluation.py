@@ -14,10 +14,11 @@ import jax
 import numpy as np
 
 from igpt_jax import checkpointing
-from igpt_jax import errors
 from igpt_jax import config_lib
+from igpt_jax import errors
 from igpt_jax import features as features_lib
 from igpt_jax import finetune as finetune_lib
+from igpt_jax import palette as palette_lib
 from igpt_jax import probe
 from igpt_jax import train
 
@@ -72,7 +73,7 @@ class Evaluator:
   def __init__(self, config, workdir: str):
     self.workdir = workdir
     self.out_dir = os.path.join(workdir, "eval")
-    if not os.path.exists(config.palette_path or os.path.join(workdir, "palette.npy")):
+    if not os.path.exists(palette_lib.path_for(config, workdir)):
       raise errors.MissingError(
           f"{workdir} has no palette.npy: it holds no trained run. Train first "
           "(python -m igpt_jax.main) or fix --workdir.")

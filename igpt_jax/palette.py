@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,7 @@ def squared_distances(x, centers):
 def quantize(images, centers):
   """images [..., H, W, C] (uint8 range, C in {1, 3}) -> tokens [..., H*W] int32."""
   rgb = to_unit(as_rgb(images))
-  flat = rgb.reshape(*rgb.shape[:-3], -1, 3)  # [..., H*W, 3]
+  flat = einops.rearrange(rgb, "... h w c -> ... (h w) c")  # raster order
   return jnp.argmin(squared_distances(flat, centers), axis=-1).astype(jnp.int32)
 
 
@@ -105,9 +106,9 @@ def lookup_table(centers) -> np.ndarray:
   chunk = max(1, (1 << 22) // (_CELL**3 * k))  # cells per call: ~4M distances at a time
   tokens = np.concatenate([np.asarray(_cell_tokens(cells[i:i + chunk], centers, k))
                            for i in range(0, len(grid), chunk)])  # [cells, 16^3]
-  # Cell (R, G, B) and offset (r, g, b) -> color (16R + r, 16G + g, 16B + b).
-  table = tokens.reshape(_CELLS, _CELLS, _CELLS, _CELL, _CELL, _CELL)
-  table = table.transpose(0, 3, 1, 4, 2, 5).reshape(-1)
+  # Cell (R, G, B) and offset (r, g, b) -> color (16R + r, 16G + g, 16B + b), raster order.
+  table = einops.rearrange(tokens, "(R G B) (r g b) -> (R r G g B b)", R=_CELLS, G=_CELLS,
+                           r=_CELL, g=_CELL)
   return table.astype(np.int16)
 
 
@@ -115,14 +116,14 @@ def quantize_with_table(images: np.ndarray, table: np.ndarray) -> np.ndarray:
   """uint8 RGB images [..., H, W, 3] -> int32 tokens [..., H*W] through `lookup_table`."""
   x = images.astype(np.int32)
   codes = (x[..., 0] << 16) | (x[..., 1] << 8) | x[..., 2]
-  return table[codes.reshape(*codes.shape[:-2], -1)].astype(np.int32)
+  return table[einops.rearrange(codes, "... h w -> ... (h w)")].astype(np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "channels"))
 def dequantize(tokens, centers, image_size: int, channels: int = 3):
   """tokens [..., H*W] -> uint8 images [..., H, W, channels] (channels 1 gives luma)."""
   rgb = jnp.rint(127.5 * (centers[tokens] + 1.0))
-  rgb = rgb.reshape(*tokens.shape[:-1], image_size, image_size, 3)
+  rgb = einops.rearrange(rgb, "... (h w) c -> ... h w c", h=image_size)
   if channels == 1:
     rgb = jnp.rint(rgb @ jnp.array([0.299, 0.587, 0.114]))[..., None]
   return jnp.clip(rgb, 0, 255).astype(jnp.uint8)
@@ -178,6 +179,21 @@ def fit(pixels, k: int, *, seed: int = 0, iterations: int = 30):
                        "config.palette_fit_pixels / palette_fit_images, or use more images.")
   centers = _kmeans(jax.random.PRNGKey(seed), to_unit(jnp.asarray(pixels)), k, iterations)
   return np.asarray(centers, np.float32)
+
+
+def path_for(config, workdir: str) -> str:
+  """Where a run's palette is: config.palette_path if set, else workdir/palette.npy."""
+  return config.get("palette_path", "") or os.path.join(workdir, "palette.npy")
+
+
+def load_for_run(config, workdir: str) -> np.ndarray:
+  """The palette of the run in `workdir`; a missing one means there is no trained run."""
+  path = path_for(config, workdir)
+  if not os.path.exists(path):
+    raise errors.MissingError(f"no palette at {path}: {workdir} holds no trained run. Train "
+                              "first (python -m igpt_jax.main), fix --workdir, or set "
+                              "config.palette_path.")
+  return load(path, config.palette_size)
 
 
 def load(path: str, k: int) -> np.ndarray:

@@ -70,8 +70,7 @@ def plan(config, hbm_gib: float) -> dict:
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  warmup = config.warmup_steps if config.warmup_steps >= 0 else 5_000
-  model, schedule, tx = train.model_and_optimizer(config, warmup)
+  model, schedule, tx = train.model_and_optimizer(config, train.warmup_steps(config))
   abstract, shardings = train.abstract_train_state(model, tx, mesh, config)
   batch_sharding = sharding.batch_sharding(mesh)
   seq_len = config.image_size**2

@@ -74,7 +74,8 @@ def run(config, workdir: str) -> list[str]:
   from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
 
-  palette_path = config.palette_path or os.path.join(workdir, "palette.npy")
+  from igpt_jax import palette as palette_lib  # pylint: disable=g-import-not-at-top
+  palette_path = palette_lib.path_for(config, workdir)
   if not os.path.exists(palette_path):
     raise errors.MissingError(f"no palette at {palette_path}: {workdir} holds no trained run. "
                             "Train first (python -m igpt_jax.main) or fix --workdir.")

@@ -51,12 +51,7 @@ def tfds_dir() -> str:
 
 def override(config, overrides: dict):
   """Sets dotted fields (`"model.width": 64`) of a ConfigDict; returns it."""
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      target = target[part]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -109,11 +104,8 @@ def cifar_config(cifar10_dir, tfds_dir):
 def quickstart_config(workdir=None, **overrides):
   """configs/quickstart.py shortened to 120 steps (checkpoints at 60 and 120), with overrides."""
   del workdir  # for call-site readability only
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("quickstart", REPO / "configs" / "quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config()
   c.total_steps, c.eval_every_steps, c.checkpoint_every_steps = 120, 120, 60
   c.warmup_steps, c.log_every_steps, c.num_samples = 20, 60, 0
   override(c, overrides)

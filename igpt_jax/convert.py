@@ -240,23 +240,12 @@ def _model_state(config):
 
 
 def _restore_params(workdir: str, config):
-  """(params, step, model) of the latest checkpoint in `workdir`; no optimizer state is built."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
-  from igpt_jax import train  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config, jax.device_count())
-  model, _, tx = train.model_and_optimizer(config, train.warmup_steps(config))
-  abstract, _ = train.abstract_train_state(model, tx, sharding.make_mesh(config), config)
-  mgr = checkpointing.manager(workdir, config)
-  step = mgr.latest_step()
-  if step is None:
-    mgr.close()
-    raise ConversionError(f"no checkpoint in {workdir}/checkpoints; train or import one first.")
-  params = checkpointing.restore_params(mgr, step, abstract.params)
-  mgr.close()
-  return params, step, model
+  """(params, step, model) of the latest checkpoint in `workdir`; no optimizer state is built
+  and the dataset is not opened."""
+  from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  run = run_lib.Run(config, workdir)
+  params, step = run.restore_params()
+  return params, step, run.model
 
 
 CONFIG_PY = '''"""The config of a converted model (written by igpt_jax.convert)."""

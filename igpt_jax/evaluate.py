@@ -18,16 +18,10 @@ Results go to DIR/eval/:
   features/           cached frozen features, so a sweep does not recompute them.
 """
 
-import os
+from absl import flags
+from ml_collections import config_flags
 
-# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
-
-from igpt_jax import cli  # pylint: disable=wrong-import-position
+from igpt_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)

@@ -20,12 +20,10 @@ from igpt_jax import features as features_lib
 from igpt_jax import finetune as finetune_lib
 from igpt_jax import palette as palette_lib
 from igpt_jax import probe
-from igpt_jax import train
+from igpt_jax import run as run_lib
 
 
-def log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+log = run_lib.log
 
 
 def write_json(path: str, obj) -> None:
@@ -80,21 +78,13 @@ class Evaluator:
     checkpointing.check_compatible(workdir, config)
     data_config = config_lib.eval_data_config(config)
     self.config = data_config
-    self.trainer = train.Trainer(data_config, workdir)
-    _limit_train(self.trainer.source, config.eval.max_train_examples)
-    mgr = checkpointing.manager(workdir, data_config)
-    step = config.eval.step if config.eval.step >= 0 else mgr.latest_step()
-    if step is None or step not in mgr.all_steps():
-      mgr.close()
-      raise errors.MissingError(
-          f"no checkpoint{'' if config.eval.step < 0 else f' at step {config.eval.step}'} in "
-          f"{workdir}/checkpoints (have {sorted(mgr.all_steps())}); train first or fix "
-          "--config.eval.step.")
+    self.run = run_lib.Run(data_config, workdir)
+    _limit_train(self.run.source, config.eval.max_train_examples)
     # Parameters only, straight into their shardings: no optimizer state is built.
-    self.params = checkpointing.restore_params(mgr, step, self.trainer.abstract_state.params)
-    mgr.close()
+    self.params, step = self.run.restore_params(
+        config.eval.step if config.eval.step >= 0 else None)
     self.step = int(step)
-    self.num_classes = self.trainer.source.num_classes
+    self.num_classes = self.run.source.num_classes
     classifying = {"linear_probe", "low_data", "finetune"} & set(
         t.strip() for t in config.eval.tasks.split(","))
     if self.num_classes < 2 and classifying:
@@ -107,9 +97,9 @@ class Evaluator:
     self._extractor = None
     self._features = {}
     log(f"Evaluating step {self.step} of {workdir} on {data_config.dataset} "
-        f"({self.num_classes} classes; train {self.trainer.source.split_sizes['train']}, "
-        f"validation {self.trainer.source.split_sizes['validation']}, test "
-        f"{self.trainer.source.split_sizes['test']} images at {data_config.image_size}x"
+        f"({self.num_classes} classes; train {self.run.source.split_sizes['train']}, "
+        f"validation {self.run.source.split_sizes['validation']}, test "
+        f"{self.run.source.split_sizes['test']} images at {data_config.image_size}x"
         f"{data_config.image_size}); layers {self.layers}.")
 
   def features(self, split: str):
@@ -117,10 +107,10 @@ class Evaluator:
     if split not in self._features:
       c = self.config
       if self._extractor is None:
-        self._extractor = features_lib.Extractor(self.trainer, self.layers,
+        self._extractor = features_lib.Extractor(self.run, self.layers,
                                                  c.eval.batch_size or c.batch_size)
       path = features_lib.cache_path(
-          self.workdir, c.dataset, f"{split}{self.trainer.source.split_sizes[split]}",
+          self.workdir, c.dataset, f"{split}{self.run.source.split_sizes[split]}",
           self.step, self.layers, c.image_size, c.holdout_fraction)
       self._features[split] = features_lib.cached(
           path, lambda: self._extractor.split(self.params, split, log=log), log=log)
@@ -151,7 +141,7 @@ class Evaluator:
     result["val_acc"] = result["layers"][str(best)]["val_acc"]
     result["test_acc"] = result["layers"][str(best)]["test_acc"]
     if c.eval.raw_pixel_baseline:
-      src = self.trainer.source
+      src = self.run.source
       raw = [features_lib.raw_pixels(c, src, s) for s in ("train", "validation", "test")]
       r = self._fit(*raw)
       result.update(raw_pixel_val_acc=r.val_acc, raw_pixel_test_acc=r.test_acc,
@@ -198,18 +188,18 @@ class Evaluator:
     return result
 
   def bits_per_dim(self) -> dict:
-    out = self.trainer.evaluate(self.params, "test", -1)
+    out = self.run.evaluate(self.params, "test", -1)
     result = {"dataset": self.config.dataset, "split": "test", "checkpoint_step": self.step,
               "objective": self.config.objective, "bits_per_dim": out["bits_per_dim"],
               "nats_per_token": out["loss"],
-              "num_images": self.trainer.source.split_sizes["test"]}
+              "num_images": self.run.source.split_sizes["test"]}
     write_json(os.path.join(self.out_dir, "bits_per_dim.json"), result)
     log(f"Test bits/dim: {out['bits_per_dim']:.4f} ({out['loss']:.4f} nats/token)")
     return result
 
   def finetune(self) -> dict:
     log("Fine-tuning (generative + classification loss) ...")
-    result = finetune_lib.run(self.trainer, self.params, self.num_classes, log=log)
+    result = finetune_lib.run(self.run, self.params, self.num_classes, log=log)
     result.update(dataset=self.config.dataset, checkpoint_step=self.step)
     write_json(os.path.join(self.out_dir, "finetune.json"), result)
     log(f"Fine-tuned: test accuracy {result['test_acc']:.4f} at step {result['best_step']} "

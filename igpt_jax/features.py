@@ -58,44 +58,36 @@ def make_extract_fn(model, layers: list[int]):
 class Extractor:
   """Runs the frozen model over whole splits, sharded over every device, with progress."""
 
-  def __init__(self, trainer, layers: list[int], batch_size: int):
-    self.trainer = trainer
+  def __init__(self, run, layers: list[int], batch_size: int):
+    self.run = run
     self.layers = layers
-    self.config = trainer.config
     self.local_batch = batch_size // jax.process_count()
-    mesh = trainer.mesh
-    replicated = sharding.replicated(mesh)
-    extract = make_extract_fn(trainer.model, layers)
+    extract = make_extract_fn(run.model, layers)
 
     def step(params, batch):
       return extract(params, batch["tokens"]), batch["label"], batch["mask"]
 
-    self._step = jax.jit(step, in_shardings=(trainer.state_shardings.params,
-                                             sharding.batch_sharding(mesh)),
-                         out_shardings=replicated)
+    self._step = jax.jit(step, in_shardings=(run.param_shardings,
+                                             sharding.batch_sharding(run.mesh)),
+                         out_shardings=sharding.replicated(run.mesh))
 
   def split(self, params, split: str, *, log=print) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [n, len(layers), width], labels int32 [n]) of every image of `split`."""
-    t = self.trainer
-    total = input_pipeline.num_eval_batches(t.source, split, self.local_batch,
+    total = input_pipeline.num_eval_batches(self.run.source, split, self.local_batch,
                                             jax.process_count())
-    it = input_pipeline.eval_iterator(
-        self.config, t.source, t.centers, split, local_batch=self.local_batch,
-        process_index=jax.process_index(), process_count=jax.process_count())
     feats, labels = [], []
     start = last = time.time()
-    with sharding.use(t.mesh, self.config):
-      for i, batch in enumerate(it):
-        f, y, m = self._step(params, sharding.global_batch(batch, t.mesh))
-        m = np.asarray(m)
-        feats.append(np.asarray(f)[m])
-        labels.append(np.asarray(y)[m])
-        now = time.time()
-        if now - last > 10 or i + 1 == total:
-          last = now
-          rate = (i + 1) / (now - start)
-          log(f"  features {split}: batch {i + 1}/{total} "
-              f"({(total - i - 1) / max(rate, 1e-9):.0f}s left)")
+    for i, batch in enumerate(self.run.eval_batches(split, local_batch=self.local_batch)):
+      f, y, m = self._step(params, batch)
+      m = np.asarray(m)
+      feats.append(np.asarray(f)[m])
+      labels.append(np.asarray(y)[m])
+      now = time.time()
+      if now - last > 10 or i + 1 == total:
+        last = now
+        rate = (i + 1) / (now - start)
+        log(f"  features {split}: batch {i + 1}/{total} "
+            f"({(total - i - 1) / max(rate, 1e-9):.0f}s left)")
     return np.concatenate(feats).astype(np.float32), np.concatenate(labels).astype(np.int32)
 
 

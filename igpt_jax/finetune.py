@@ -18,6 +18,7 @@ import optax
 
 from igpt_jax import input_pipeline
 from igpt_jax import objectives
+from igpt_jax import optim
 from igpt_jax import sharding
 
 
@@ -33,14 +34,9 @@ def class_logits(head, pooled):
 def loss_fn(params, tokens, labels, rng, *, model, objective: str, mask_prob: float,
             clf_weight: float):
   """(total, metrics) for params {"model", "head"}; pure, randomness from `rng`."""
-  keep = None
-  if objective == "masked_pixel":
-    keep = objectives.sample_keep_mask(rng, tokens.shape, mask_prob)
+  keep = objectives.keep_mask_for(objective, rng, tokens.shape, mask_prob)
   logits, feats = model.apply({"params": params["model"]}, tokens, keep, output="both")
-  if objective == "masked_pixel":
-    gen = objectives.masked_pixel_loss(logits, tokens, keep)
-  else:
-    gen = objectives.next_pixel_loss(logits, tokens)
+  gen = objectives.loss_from_logits(logits, tokens, keep)
   clf_logits = class_logits(params["head"], feats[:, -1])
   clf = optax.softmax_cross_entropy_with_integer_labels(clf_logits, labels)
   gen, clf = jnp.mean(gen), jnp.mean(clf)
@@ -63,54 +59,48 @@ def predict_step(params, batch, *, model):
   return pred, batch["label"], batch["mask"]
 
 
-def run(trainer, model_params, num_classes: int, *, log=print) -> dict:
-  """Fine-tunes `model_params` on the trainer's dataset; returns the finetune.json content."""
-  c = trainer.config
+def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
+  """Fine-tunes `model_params` on the dataset of `pretrained` (a `run.Run`); returns the
+  finetune.json content."""
+  c = pretrained.config
   e = c.eval
-  mesh = trainer.mesh
+  mesh = pretrained.mesh
   batch_size = e.finetune_batch_size or c.batch_size
   local_batch = batch_size // jax.process_count()
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, e.finetune_learning_rate, min(e.finetune_warmup_steps, e.finetune_steps),
-      max(e.finetune_steps, e.finetune_warmup_steps + 1), 0.0)
-  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm or 1e9),
-                   optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
-                               weight_decay=c.weight_decay))
+  schedule = optim.warmup_cosine(e.finetune_learning_rate,
+                                 min(e.finetune_warmup_steps, e.finetune_steps),
+                                 e.finetune_steps)
+  tx = optim.adam(c, schedule)
   replicated = sharding.replicated(mesh)
   params = {"model": model_params,
             "head": jax.device_put(init_head(c.model.width, num_classes), replicated)}
-  param_shardings = {"model": trainer.state_shardings.params,
+  param_shardings = {"model": pretrained.param_shardings,
                      "head": jax.tree_util.tree_map(lambda _: replicated, params["head"])}
   with sharding.use(mesh, c):
     opt_state = jax.jit(tx.init, out_shardings=None)(params)
   opt_shardings = jax.tree_util.tree_map(lambda x: x.sharding, opt_state)
   state_shardings = (param_shardings, opt_shardings, replicated)
   state = (params, opt_state, jnp.zeros((), jnp.int32))
-  loss_kw = dict(model=trainer.model, objective=c.objective, mask_prob=c.mask_prob,
+  loss_kw = dict(model=pretrained.model, objective=c.objective, mask_prob=c.mask_prob,
                  clf_weight=e.finetune_clf_weight)
   batch_sharding = sharding.batch_sharding(mesh)
   step_fn = jax.jit(functools.partial(train_step, tx=tx, seed=c.seed + 17, **loss_kw),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  pred_fn = jax.jit(functools.partial(predict_step, model=trainer.model),
+  pred_fn = jax.jit(functools.partial(predict_step, model=pretrained.model),
                     in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
   def accuracy(params, split, num_batches):
-    it = input_pipeline.eval_iterator(
-        c, trainer.source, trainer.centers, split, local_batch=local_batch,
-        num_batches=num_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
     right = total = 0
-    with sharding.use(mesh, c):
-      for batch in it:
-        pred, label, mask = (np.asarray(a) for a in
-                             pred_fn(params, sharding.global_batch(batch, mesh)))
-        right += int(np.sum((pred == label) & mask))
-        total += int(np.sum(mask))
+    for batch in pretrained.eval_batches(split, local_batch=local_batch,
+                                         num_batches=num_batches):
+      pred, label, mask = (np.asarray(a) for a in pred_fn(params, batch))
+      right += int(np.sum((pred == label) & mask))
+      total += int(np.sum(mask))
     return right / max(total, 1)
 
   data = input_pipeline.train_iterator(
-      c, trainer.source, trainer.centers, local_batch=local_batch, seed=c.seed + 17,
+      c, pretrained.source, pretrained.centers, local_batch=local_batch, seed=c.seed + 17,
       process_index=jax.process_index(), process_count=jax.process_count())
   history, best = [], None
   t0 = time.time()

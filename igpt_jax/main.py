@@ -10,17 +10,12 @@ finishes the step, checkpoints and exits with status 42; rerun the same command 
 --verbosity=0 is given.
 """
 
-import os
 import sys
 
-# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from ml_collections import config_flags
 
-from igpt_jax import cli  # pylint: disable=wrong-import-position
+from igpt_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

@@ -349,6 +349,19 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
 
 
+def make_apply_fn(model: "IGPT"):
+  """(params, tokens, keep_mask=None) -> logits: the model as a pure function of its params."""
+  def apply_fn(params, tokens, keep_mask=None):
+    return model.apply({"params": params}, tokens, keep_mask)
+  return apply_fn
+
+
+def unbox_shapes(boxed):
+  """A tree with logically partitioned (boxed) leaves -> the same tree with plain leaves."""
+  return jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+                                boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def abstract_params(cfg: ModelConfig):
   """Parameter shapes (boxed with logical names) without allocating anything."""
   model = IGPT(cfg)

@@ -21,6 +21,15 @@ import jax.numpy as jnp
 SUBPIXELS_PER_TOKEN = 3
 
 
+def masked_loss_sums(apply_fn, params, batch: dict, rng, *, objective: str,
+                     mask_prob: float) -> dict:
+  """Sum of per-image nats over the real (unpadded, `batch["mask"]`) images, and their count."""
+  per_image = per_image_loss(apply_fn, params, batch["tokens"], rng, objective=objective,
+                             mask_prob=mask_prob)
+  mask = batch["mask"].astype(jnp.float32)
+  return {"nats_sum": jnp.sum(per_image * mask), "count": jnp.sum(mask)}
+
+
 def bits_per_dim(nats_per_token):
   return nats_per_token / (SUBPIXELS_PER_TOKEN * math.log(2.0))
 
@@ -52,11 +61,23 @@ def masked_pixel_loss(logits, tokens, keep_mask):
   return total / jnp.maximum(jnp.sum(masked, axis=-1), 1.0)
 
 
+def keep_mask_for(objective: str, rng, shape, mask_prob: float):
+  """The visible-pixel mask the objective feeds the model: None for next-pixel prediction."""
+  if objective == "next_pixel":
+    return None
+  if objective == "masked_pixel":
+    return sample_keep_mask(rng, shape, mask_prob)
+  raise ValueError(f"unknown objective {objective!r}")
+
+
+def loss_from_logits(logits, tokens, keep):
+  """Per-image nats [b]: next-pixel without a mask, masked-pixel over the masked pixels."""
+  if keep is None:
+    return next_pixel_loss(logits, tokens)
+  return masked_pixel_loss(logits, tokens, keep)
+
+
 def per_image_loss(apply_fn, params, tokens, rng, *, objective: str, mask_prob: float):
   """Runs the model and the objective. Returns per-image nats [b]."""
-  if objective == "next_pixel":
-    return next_pixel_loss(apply_fn(params, tokens), tokens)
-  if objective == "masked_pixel":
-    keep = sample_keep_mask(rng, tokens.shape, mask_prob)
-    return masked_pixel_loss(apply_fn(params, tokens, keep), tokens, keep)
-  raise ValueError(f"unknown objective {objective!r}")
+  keep = keep_mask_for(objective, rng, tokens.shape, mask_prob)
+  return loss_from_logits(apply_fn(params, tokens, keep), tokens, keep)

@@ -15,17 +15,12 @@ sampler; masked-pixel models fill masked pixels most confident first (`--per_ste
 
 import os
 
-# TensorFlow serves only the input pipeline here; keep its C++ start-up chatter off the console.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-from absl import app  # pylint: disable=wrong-import-position
-from absl import flags  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
-
-from igpt_jax import cli  # pylint: disable=wrong-import-position
-from igpt_jax import errors  # pylint: disable=wrong-import-position
+from igpt_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -71,41 +66,33 @@ def run(config, workdir: str) -> list[str]:
   from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from igpt_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
-  from igpt_jax import train  # pylint: disable=g-import-not-at-top
 
-  from igpt_jax import palette as palette_lib  # pylint: disable=g-import-not-at-top
-  palette_path = palette_lib.path_for(config, workdir)
-  if not os.path.exists(palette_path):
-    raise errors.MissingError(f"no palette at {palette_path}: {workdir} holds no trained run. "
-                            "Train first (python -m igpt_jax.main) or fix --workdir.")
   checkpointing.check_compatible(workdir, config)
-  trainer = train.Trainer(config, workdir)
-  mgr = checkpointing.manager(workdir, config)
-  params, step, _ = trainer.restore_latest(mgr, params_only=True)
-  mgr.close()
-  if params is None:
-    raise errors.MissingError(f"no checkpoint in {workdir}/checkpoints; train first.")
+  trained = run_lib.Run(config, workdir)
+  trained.centers  # pylint: disable=pointless-statement  # a run without a palette fails here
+  params, step = trained.restore_params()  # parameters only: no optimizer state
   cfg = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy)
   rng = jax.random.PRNGKey(FLAGS.seed)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   if FLAGS.mode == "unconditional":
-    tokens = trainer.sample(params, FLAGS.num, rng, cfg=cfg)
-    grid = images_lib.grid(trainer.to_images(tokens))
+    tokens = trained.sample(params, FLAGS.num, rng, cfg=cfg)
+    grid = images_lib.grid(trained.to_images(tokens))
     stem = os.path.join(out_dir, f"unconditional_step{step}")
   else:
     batch = next(input_pipeline.eval_iterator(
-        config, trainer.source, trainer.centers, FLAGS.split, local_batch=FLAGS.num,
+        config, trained.source, trained.centers, FLAGS.split, local_batch=FLAGS.num,
         num_batches=1))
     originals = batch["tokens"][batch["mask"]]
     prefix_len = (config.image_size // 2) * config.image_size  # the top half, in raster order
-    completions = [trainer.sample(params, len(originals), jax.random.fold_in(rng, j),
+    completions = [trained.sample(params, len(originals), jax.random.fold_in(rng, j),
                                   prefix=originals, prefix_len=prefix_len, cfg=cfg)
                    for j in range(FLAGS.completions)]
     tokens = np.stack([originals] + completions, axis=1)  # [num, 1 + completions, seq_len]
-    images = trainer.to_images(tokens)  # [num, 1 + completions, S, S, 3]
+    images = trained.to_images(tokens)  # [num, 1 + completions, S, S, 3]
     rows = np.concatenate([images[:, :1], half_masked(images[:, 0])[:, None], images[:, 1:]],
                           axis=1)
     grid = images_lib.grid(rows.reshape(-1, *rows.shape[2:]), cols=rows.shape[1])

@@ -20,16 +20,14 @@ import optax
 from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
-from igpt_jax import errors
-from igpt_jax import config_lib
 from igpt_jax import flops
 from igpt_jax import images as images_lib
 from igpt_jax import input_pipeline
 from igpt_jax import metric_writer
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
-from igpt_jax import palette as palette_lib
-from igpt_jax import sampling
+from igpt_jax import optim
+from igpt_jax import run as run_lib
 from igpt_jax import sharding
 
 
@@ -54,10 +52,8 @@ def warmup_steps(config, train_examples: int | None = None) -> int:
 
 
 def lr_schedule(config, warmup: int):
-  """Linear warmup from 0, then cosine decay to 0 at total_steps."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(config.total_steps, warmup + 1), end_value=0.0)
+  """Linear warmup from 0 to config.learning_rate, then cosine decay to 0 at total_steps."""
+  return optim.warmup_cosine(config.learning_rate, warmup, config.total_steps)
 
 
 def model_and_optimizer(config, warmup: int):
@@ -67,14 +63,7 @@ def model_and_optimizer(config, warmup: int):
   return model, schedule, make_optimizer(config, schedule)
 
 
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  """Adam(b1, b2=0.95) with decoupled weight decay (0 in the paper) and global-norm clipping."""
-  chain = []
-  if config.grad_clip_norm > 0:
-    chain.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  chain.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                           weight_decay=config.weight_decay))
-  return optax.chain(*chain)
+make_optimizer = optim.adam
 
 
 def _state_init_fn(model, tx, config):
@@ -97,9 +86,7 @@ def abstract_train_state(model, tx, mesh, config):
     boxed = jax.eval_shape(_state_init_fn(model, tx, config), jax.random.PRNGKey(0))
     shardings = sharding.param_shardings(boxed, mesh, config)
   # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
-  shapes = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x,
-                                  boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return checkpointing.abstract_like(shapes, shardings), shardings
+  return checkpointing.abstract_like(model_lib.unbox_shapes(boxed), shardings), shardings
 
 
 def create_train_state(model, tx, mesh, config, rng):
@@ -117,18 +104,12 @@ def create_train_state(model, tx, mesh, config, rng):
 def jit_train_step(config, model, tx, schedule, mesh, state_shardings):
   """The jitted `train_step` of `config`: explicit shardings, the state donated."""
   return jax.jit(
-      functools.partial(train_step, apply_fn=make_apply_fn(model), tx=tx, schedule=schedule,
-                        objective=config.objective, mask_prob=config.mask_prob,
+      functools.partial(train_step, apply_fn=model_lib.make_apply_fn(model), tx=tx,
+                        schedule=schedule, objective=config.objective, mask_prob=config.mask_prob,
                         seed=config.seed, skip_nonfinite=config.nonfinite_policy == "skip",
                         accum_steps=config.grad_accum_steps),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
-
-
-def make_apply_fn(model):
-  def apply_fn(params, tokens, keep_mask=None):
-    return model.apply({"params": params}, tokens, keep_mask)
-  return apply_fn
 
 
 def _microbatches(tokens, accum_steps: int):
@@ -190,161 +171,43 @@ def train_step(state: TrainState, batch: dict, *, apply_fn, tx, schedule, object
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: dict, rng, *, apply_fn, objective: str, mask_prob: float):
-  """Sum of per-image nats over the real (unpadded) images, and their count."""
-  per_image = objectives.per_image_loss(apply_fn, params, batch["tokens"], rng,
-                                        objective=objective, mask_prob=mask_prob)
-  mask = batch["mask"].astype(jnp.float32)
-  return {"nats_sum": jnp.sum(per_image * mask), "count": jnp.sum(mask)}
-
-
 class Trainer:
-  """Everything `train_and_evaluate` needs, built once from a config (notebooks reuse it)."""
+  """The training side of a run: its optimizer, train state shapes and jitted steps, on top of
+  the `run.Run` every tool shares (mesh, data, palette, model, restore, evaluation batches)."""
 
   def __init__(self, config, workdir: str):
-    config_lib.validate(config, jax.device_count())
-    self.config = config
-    self.workdir = workdir
-    self.mesh = sharding.make_mesh(config)
-    self.local_batch = sharding.local_batch_size(config)
-    self.source = input_pipeline.open_source(config)
-    self.centers = self._palette()
-    self.warmup = warmup_steps(config, self.source.split_sizes["train"])
-    self.model, self.schedule, self.tx = model_and_optimizer(config, self.warmup)
-    self.model_cfg = self.model.cfg
-    self.apply_fn = make_apply_fn(self.model)
+    self.run = run_lib.Run(config, workdir, fit_palette=True)
+    self.config, self.workdir = config, workdir
+    self.centers = self.run.centers  # fitted and saved when the run has no palette yet
+    self.warmup = warmup_steps(config, self.run.source.split_sizes["train"])
+    self.schedule = lr_schedule(config, self.warmup)
+    self.tx = make_optimizer(config, self.schedule)
+    model, mesh = self.run.model, self.run.mesh
     # Shapes and shardings only: a state is allocated by restoring a checkpoint into them, or
     # by `init_state` when there is none, so one train state exists at a time.
-    self.abstract_state, self.state_shardings = abstract_train_state(
-        self.model, self.tx, self.mesh, config)
+    self.abstract_state, self.state_shardings = abstract_train_state(model, self.tx, mesh,
+                                                                     config)
     self.num_params = model_lib.count_params(self.abstract_state.params)
-    self.flops_per_token = flops.train_flops_per_token_of(self.model_cfg)
-    step_kw = dict(apply_fn=self.apply_fn, objective=config.objective,
-                   mask_prob=config.mask_prob)
-    batch_sharding = sharding.batch_sharding(self.mesh)
-    replicated = sharding.replicated(self.mesh)
-    self._train_step = jit_train_step(config, self.model, self.tx, self.schedule, self.mesh,
+    self.flops_per_token = flops.train_flops_per_token_of(model.cfg)
+    self._train_step = jit_train_step(config, model, self.tx, self.schedule, mesh,
                                       self.state_shardings)
-    self._eval_step = jax.jit(
-        functools.partial(eval_step, **step_kw),
-        in_shardings=(self.state_shardings.params, batch_sharding, replicated),
-        out_shardings=replicated)
-
-  def _palette(self) -> np.ndarray:
-    c = self.config
-    path = palette_lib.path_for(c, self.workdir)
-    if os.path.exists(path):
-      return palette_lib.load(path, c.palette_size)
-    if c.palette_path:
-      raise errors.MissingError(f"config.palette_path={c.palette_path!r} does not exist; fix the "
-                              "path or set it to '' to fit a palette into the workdir.")
-    pixels, num_images = input_pipeline.palette_pixels(c, self.source)
-    log(f"Fitting a {c.palette_size}-color palette on {len(pixels):,} pixels of "
-        f"{num_images:,} training images ...")
-    centers = palette_lib.fit(pixels, c.palette_size, seed=c.seed,
-                              iterations=c.palette_fit_iterations)
-    # Identical on every process, whatever each host computed.
-    centers = np.asarray(multihost_utils.broadcast_one_to_all(centers))
-    if jax.process_index() == 0:
-      palette_lib.save(path, centers)
-    return centers
 
   def init_state(self) -> TrainState:
     """A freshly initialised train state, built sharded (for a run without a checkpoint)."""
-    state, _ = create_train_state(self.model, self.tx, self.mesh, self.config,
+    state, _ = create_train_state(self.run.model, self.tx, self.run.mesh, self.config,
                                   jax.random.PRNGKey(self.config.seed))
     return state
 
-  def restore_latest(self, mgr, *, params_only: bool = False):
-    """(state, step, next_index) of the newest checkpoint that restores; (None, None, None) if
-    there is none. With `params_only`, the parameters alone (no optimizer state is read or
-    allocated) in place of the state. `next_index` is the saved data position (the next global
-    stream index), or step x batch size for checkpoints that predate it.
-
-    A newer checkpoint that fails to restore (a truncated or deleted file) is skipped with a
-    message, and moved to workdir/corrupt_checkpoints/ once an older one has restored, so that
-    it can neither become "latest" again nor block the save of that step; nothing is deleted.
-    If no checkpoint restores, nothing is moved and the error names every failure.
-    """
-    failures = []
-    for step in sorted(mgr.all_steps(), reverse=True):
-      try:
-        if params_only:
-          state = checkpointing.restore_params(mgr, step, self.abstract_state.params)
-        else:
-          state = checkpointing.restore(mgr, step, self.abstract_state)
-        next_index = checkpointing.data_position(mgr, step)
-      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-        reason = checkpointing.failure_reason(e)
-        log(f"Skipping checkpoint {step}: it does not restore ({reason}).")
-        failures.append((step, reason))
-        continue
-      for bad, _ in failures:
-        moved = checkpointing.quarantine(mgr, self.workdir, bad)
-        log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {step}.")
-      if failures:
-        mgr.reload()
-      if next_index is None:
-        next_index = step * self.config.batch_size
-      return state, step, next_index
-    if failures:
-      raise checkpointing.CheckpointError(
-          f"no checkpoint in {self.workdir}/checkpoints restores: "
-          + "; ".join(f"step {s}: {r}" for s, r in failures)
-          + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
-          "otherwise move the damaged step directories away or use a new --workdir.")
-    return None, None, None
+  def restore_latest(self, mgr):
+    """(state, step, next_index) of the newest checkpoint that restores, read into the sharded
+    state (see `run.Run.restore`); (None, None, None) if there is none."""
+    return self.run.restore(mgr, abstract_state=self.abstract_state)
 
   def train_step(self, state, local_batch):
-    with sharding.use(self.mesh, self.config):
-      return self._train_step(state, sharding.global_batch(local_batch, self.mesh))
+    with sharding.use(self.run.mesh, self.config):
+      return self._train_step(state, sharding.global_batch(local_batch, self.run.mesh))
 
-  def evaluate(self, params, split: str, num_batches: int):
-    """Mean nats per token and bits/dim on `split` (num_batches=-1: all of it); None if the
-    split is empty (holdout_fraction=0 leaves no validation split)."""
-    c = self.config
-    if self.source.split_sizes[split] == 0:
-      return None
-    it = input_pipeline.eval_iterator(
-        c, self.source, self.centers, split, local_batch=self.local_batch,
-        num_batches=num_batches, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    nats, count = 0.0, 0.0
-    with sharding.use(self.mesh, c):
-      for i, batch in enumerate(it):
-        rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), i)
-        out = self._eval_step(params, sharding.global_batch(batch, self.mesh), rng)
-        nats += float(out["nats_sum"])
-        count += float(out["count"])
-    loss = nats / count
-    return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
-
-  def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
-             cfg: sampling.SamplingConfig | None = None) -> np.ndarray:
-    """Draws `num` images' tokens [num, seq_len]: the cached sampler for next-pixel models,
-    most-confident-first infilling for masked-pixel ones. `prefix` [num, seq_len] with
-    `prefix_len` > 0 gives completions of its first `prefix_len` pixels."""
-    cfg = cfg or sampling.SamplingConfig(temperature=self.config.sample_temperature)
-    seq_len = self.model_cfg.seq_len
-    prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
-    with sharding.use(self.mesh, self.config):
-      if self.model_cfg.causal:
-        tokens = sampling.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
-                                 prefix_len=prefix_len, cfg=cfg)
-      else:
-        keep = np.broadcast_to(np.arange(seq_len) < prefix_len, prefix.shape)
-        tokens = sampling.infill(self.apply_fn, params, rng, prefix, keep, cfg=cfg)
-    return np.asarray(tokens)
-
-  def to_images(self, tokens) -> np.ndarray:
-    """Tokens [..., seq_len] -> uint8 RGB images [..., S, S, 3] through the palette."""
-    return np.asarray(palette_lib.dequantize(jnp.asarray(tokens), self.centers,
-                                             self.config.image_size))
-
-
-def log(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
+log = run_lib.log
 
 
 def _fmt_time(seconds: float) -> str:
@@ -460,9 +323,9 @@ def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]
   log(f"iGPT: {c.model.num_layers} layers x {c.model.width} width, {c.model.num_heads} heads, "
       f"{trainer.num_params:,} parameters; {c.objective} on {c.dataset} at {c.image_size}x"
       f"{c.image_size} ({seq_len} tokens), palette {c.palette_size}; mesh "
-      f"{dict(trainer.mesh.shape)}; {jax.process_count()} process(es), "
+      f"{dict(trainer.run.mesh.shape)}; {jax.process_count()} process(es), "
       f"{jax.device_count()} device(s); warmup {trainer.warmup} steps.")
-  sizes = trainer.source.split_sizes
+  sizes = trainer.run.source.split_sizes
   if sizes["validation"] == 0:
     log(f"No validation split (holdout_fraction={c.holdout_fraction}): validation bits/dim is "
         "not computed; set config.holdout_fraction > 0 to hold out part of the train split.")
@@ -501,11 +364,11 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
   # Exact resume: the stream is read by index from the saved position, at a cost that does
   # not depend on how far training got.
   data = input_pipeline.train_iterator(
-      c, trainer.source, trainer.centers, local_batch=trainer.local_batch, seed=c.seed,
+      c, trainer.run.source, trainer.centers, local_batch=trainer.run.local_batch, seed=c.seed,
       start_index=start_index, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  has_validation = trainer.source.split_sizes["validation"] > 0
+  has_validation = trainer.run.source.split_sizes["validation"] > 0
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step = {}, 0, latest
   for step in range(start + 1, c.total_steps + 1):
@@ -524,7 +387,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       last.update(throughput(last["tokens_per_sec"], trainer.flops_per_token, c))
       pending, t_last = [], now
       if (step % c.eval_every_steps == 0 or is_last) and has_validation:
-        val = trainer.evaluate(state.params, "validation", c.eval_batches)
+        val = trainer.run.evaluate(state.params, "validation", c.eval_batches)
         last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       writer.write(step, last)
       elapsed = now - t0
@@ -546,7 +409,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
 
   result = dict(last, step=int(step))
   if c.num_samples > 0:
-    samples = trainer.to_images(trainer.sample(state.params, c.num_samples,
+    samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,
                                                jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")

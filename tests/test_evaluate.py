@@ -241,6 +241,7 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   import gc  # pylint: disable=g-import-not-at-top
   from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from igpt_jax import convert  # pylint: disable=g-import-not-at-top
+  from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   def refuse(*args, **kwargs):
     raise AssertionError("a tool built or restored a full train state")
@@ -254,10 +255,7 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   assert model_lib.count_params(ev.params) == 800_000 and ev.step == 120
   grown = sum(x.nbytes for x in jax.live_arrays()) - baseline
   assert param_bytes <= grown < 1.2 * param_bytes  # parameters, not 3x (Adam's mu and nu)
-  trainer = train.Trainer(config, trained_quickstart)  # what `python -m igpt_jax.sample` does
-  mgr = checkpointing.manager(trained_quickstart, config)
-  params, step, _ = trainer.restore_latest(mgr, params_only=True)
-  mgr.close()
+  params, step = run_lib.Run(config, trained_quickstart).restore_params()  # `sample`'s restore
   assert step == 120
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                   jax.tree_util.tree_leaves(ev.params)))

@@ -147,7 +147,7 @@ def test_resume_holds_one_train_state_and_reads_the_saved_data_position(
   workdir = str(tmp_path / "run")
   shutil.copytree(two_checkpoints, workdir)
   seen = {}
-  real_restore, real_init = checkpointing.restore, train.Trainer.init_state
+  real_restore = checkpointing.restore
   def restore(mgr, step, abstract):
     seen["before"] = live_bytes()
     state = real_restore(mgr, step, abstract)

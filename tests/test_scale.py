@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 from conftest import tiny_config
 from igpt_jax import distributed
+from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax import train
 
@@ -31,7 +32,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   out = {}
   for k in (1, 2, 4):
     step = jax.jit(functools.partial(
-        train.train_step, apply_fn=train.make_apply_fn(model), tx=tx, schedule=schedule,
+        train.train_step, apply_fn=model_lib.make_apply_fn(model), tx=tx, schedule=schedule,
         objective="next_pixel", mask_prob=0.15, seed=0, accum_steps=k))
     with sharding.use(mesh, config):
       new_state, metrics = step(state, batch)

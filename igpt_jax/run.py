@@ -1,0 +1,224 @@
+"""What the tools share about one run: mesh, data, palette, model, shapes, checkpoints, batches.
+
+`Run(config, workdir)` validates the config and builds nothing else up front; every part is
+built on first use, so each tool pays only for what it uses: `sample` and `evaluate` restore
+parameters alone (no optimizer state is built or read), `convert` never opens the dataset, and
+only training (igpt_jax/train.py) fits a palette or allocates a fresh state.
+
+One `restore` serves all of them, with the damaged-checkpoint handling: the newest step that
+restores is used, newer damaged ones are skipped with one line each and moved to
+workdir/corrupt_checkpoints/ (never deleted); an exact step either restores or fails naming why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from igpt_jax import checkpointing
+from igpt_jax import config_lib
+from igpt_jax import errors
+from igpt_jax import input_pipeline
+from igpt_jax import model as model_lib
+from igpt_jax import objectives
+from igpt_jax import palette as palette_lib
+from igpt_jax import sampling
+from igpt_jax import sharding
+
+
+def log(msg: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+class Run:
+  """One run directory and its config; parts are built lazily (see the module docstring)."""
+
+  def __init__(self, config, workdir: str, *, fit_palette: bool = False):
+    config_lib.validate(config, jax.device_count())
+    self.config = config
+    self.workdir = workdir
+    self._fit_palette = fit_palette
+    self.local_batch = sharding.local_batch_size(config)
+
+  @functools.cached_property
+  def mesh(self) -> jax.sharding.Mesh:
+    return sharding.make_mesh(self.config)
+
+  @functools.cached_property
+  def source(self) -> input_pipeline.Source:
+    return input_pipeline.open_source(self.config)
+
+  @functools.cached_property
+  def model(self) -> model_lib.IGPT:
+    return model_lib.IGPT(model_lib.model_config_from(self.config))
+
+  @property
+  def model_cfg(self) -> model_lib.ModelConfig:
+    return self.model.cfg
+
+  @functools.cached_property
+  def apply_fn(self):
+    return model_lib.make_apply_fn(self.model)
+
+  @functools.cached_property
+  def centers(self) -> np.ndarray:
+    """The palette: loaded from the run, or (for training only) fitted and saved there."""
+    c = self.config
+    path = palette_lib.path_for(c, self.workdir)
+    if os.path.exists(path) or not self._fit_palette:
+      return palette_lib.load_for_run(c, self.workdir)
+    if c.palette_path:
+      raise errors.MissingError(f"config.palette_path={c.palette_path!r} does not exist; fix "
+                                "the path or set it to '' to fit a palette into the workdir.")
+    pixels, num_images = input_pipeline.palette_pixels(c, self.source)
+    log(f"Fitting a {c.palette_size}-color palette on {len(pixels):,} pixels of "
+        f"{num_images:,} training images ...")
+    centers = palette_lib.fit(pixels, c.palette_size, seed=c.seed,
+                              iterations=c.palette_fit_iterations)
+    # Identical on every process, whatever each host computed.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    centers = np.asarray(multihost_utils.broadcast_one_to_all(centers))
+    if jax.process_index() == 0:
+      palette_lib.save(path, centers)
+    return centers
+
+  @functools.cached_property
+  def _params_layout(self):
+    with sharding.use(self.mesh, self.config):
+      boxed = model_lib.abstract_params(self.model_cfg)
+      shardings = sharding.param_shardings(boxed, self.mesh, self.config)
+    # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
+    shapes = model_lib.unbox_shapes(boxed)
+    return checkpointing.abstract_like(shapes, shardings), shardings
+
+  @property
+  def abstract_params(self):
+    """Parameter ShapeDtypeStructs carrying their shardings: nothing allocated."""
+    return self._params_layout[0]
+
+  @property
+  def param_shardings(self):
+    return self._params_layout[1]
+
+  def checkpoints(self):
+    return checkpointing.manager(self.workdir, self.config)
+
+  def restore(self, mgr, *, step: int | None = None, abstract_state=None):
+    """(restored, step, next_index), or (None, None, None) when there is no checkpoint.
+
+    `abstract_state` (a train state's ShapeDtypeStructs) restores the whole state into its
+    shards; without it, the parameters alone (orbax partial restore). `step=None` takes the
+    newest checkpoint that restores, skipping and quarantining damaged newer ones; an exact
+    `step` must exist and restore. `next_index` is the saved data position, or step x batch
+    size for checkpoints that predate it.
+    """
+    if step is not None and step not in mgr.all_steps():
+      raise errors.MissingError(
+          f"no checkpoint at step {step} in {self.workdir}/checkpoints (have "
+          f"{sorted(mgr.all_steps())}); train first or pick one of those.")
+    candidates = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
+    failures = []
+    for s in candidates:
+      try:
+        if abstract_state is None:
+          restored = checkpointing.restore_params(mgr, s, self.abstract_params)
+        else:
+          restored = checkpointing.restore(mgr, s, abstract_state)
+        next_index = checkpointing.data_position(mgr, s)
+      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+        reason = checkpointing.failure_reason(e)
+        if step is None:
+          log(f"Skipping checkpoint {s}: it does not restore ({reason}).")
+        failures.append((s, reason))
+        continue
+      if step is None:
+        for bad, _ in failures:
+          moved = checkpointing.quarantine(mgr, self.workdir, bad)
+          log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {s}.")
+        if failures:
+          mgr.reload()
+      if next_index is None:
+        next_index = s * self.config.batch_size
+      return restored, s, next_index
+    if failures:
+      raise checkpointing.CheckpointError(
+          f"no checkpoint in {self.workdir}/checkpoints restores: "
+          + "; ".join(f"step {s}: {r}" for s, r in failures)
+          + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
+          "otherwise move the damaged step directories away or use a new --workdir.")
+    return None, None, None
+
+  def restore_params(self, step: int | None = None):
+    """(params, step) of the run's latest checkpoint (or `step`); a run without one fails."""
+    mgr = self.checkpoints()
+    try:
+      params, found, _ = self.restore(mgr, step=step)
+    finally:
+      mgr.close()
+    if params is None:
+      raise errors.MissingError(f"no checkpoint in {self.workdir}/checkpoints; train (python "
+                                "-m igpt_jax.main) or import (python -m igpt_jax.convert) one.")
+    return params, found
+
+  def eval_batches(self, split: str, *, local_batch: int | None = None,
+                   num_batches: int = -1):
+    """Global, sharded, masked batches of `split` (every process runs the same number; padding
+    has mask False), yielded under the mesh: the one evaluation loop the tools share."""
+    it = input_pipeline.eval_iterator(
+        self.config, self.source, self.centers, split,
+        local_batch=local_batch or self.local_batch, num_batches=num_batches,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    with sharding.use(self.mesh, self.config):
+      for batch in it:
+        yield sharding.global_batch(batch, self.mesh)
+
+  @functools.cached_property
+  def _loss_sums(self):
+    c, replicated = self.config, sharding.replicated(self.mesh)
+    return jax.jit(functools.partial(objectives.masked_loss_sums, self.apply_fn,
+                                     objective=c.objective, mask_prob=c.mask_prob),
+                   in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh),
+                                 replicated),
+                   out_shardings=replicated)
+
+  def evaluate(self, params, split: str, num_batches: int = -1):
+    """Mean nats per token and bits/dim on `split` (num_batches=-1: all of it); None if the
+    split is empty (holdout_fraction=0 leaves no validation split)."""
+    if self.source.split_sizes[split] == 0:
+      return None
+    nats, count = 0.0, 0.0
+    for i, batch in enumerate(self.eval_batches(split, num_batches=num_batches)):
+      rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), i)
+      out = self._loss_sums(params, batch, rng)
+      nats += float(out["nats_sum"])
+      count += float(out["count"])
+    loss = nats / count
+    return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
+
+  def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
+             cfg: sampling.SamplingConfig | None = None) -> np.ndarray:
+    """Draws `num` images' tokens [num, seq_len]: the cached sampler for next-pixel models,
+    most-confident-first infilling for masked-pixel ones. `prefix` [num, seq_len] with
+    `prefix_len` > 0 gives completions of its first `prefix_len` pixels."""
+    cfg = cfg or sampling.SamplingConfig(temperature=self.config.sample_temperature)
+    seq_len = self.model_cfg.seq_len
+    prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
+    with sharding.use(self.mesh, self.config):
+      if self.model_cfg.causal:
+        tokens = sampling.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
+                                 prefix_len=prefix_len, cfg=cfg)
+      else:
+        keep = np.broadcast_to(np.arange(seq_len) < prefix_len, prefix.shape)
+        tokens = sampling.infill(self.apply_fn, params, rng, prefix, keep, cfg=cfg)
+    return np.asarray(tokens)
+
+  def to_images(self, tokens) -> np.ndarray:
+    """Tokens [..., seq_len] -> uint8 RGB images [..., S, S, 3] through the palette."""
+    return np.asarray(palette_lib.dequantize(jnp.asarray(tokens), self.centers,
+                                             self.config.image_size))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -159,17 +160,25 @@ def _dataset_key(value):
   return value
 
 
+def _differences(saved: dict, config, fields) -> list[str]:
+  """"field: saved X, now Y" for each of `fields` the saved run set to another value."""
+  diffs = []
+  for field in fields:
+    old, new = get_field(saved, field, None), get_field(config, field)
+    if field == "dataset":
+      old, new = _dataset_key(old), _dataset_key(new)
+    if old is not None and old != new:
+      diffs.append(f"{field}: saved {old!r}, now {new!r}")
+  return diffs
+
+
 def check_compatible(workdir: str, config, *, data: bool = False) -> None:
   """Fails, naming the fields, if `workdir` holds a run whose state this config cannot load,
   and (with `data`, for resuming training) one that trained on other data."""
   saved = saved_config(workdir)
   if saved is None:
     return
-  diffs = []
-  for field in STATE_DEFINING_FIELDS:
-    old, new = get_field(saved, field, None), get_field(config, field)
-    if old is not None and old != new:
-      diffs.append(f"{field}: saved {old!r}, now {new!r}")
+  diffs = _differences(saved, config, STATE_DEFINING_FIELDS)
   if diffs:
     raise IncompatibleRunError(
         f"workdir {workdir} holds a run with a different model; its checkpoints cannot be "
@@ -177,12 +186,7 @@ def check_compatible(workdir: str, config, *, data: bool = False) -> None:
         "fields back.")
   if not data or config.get("allow_data_change", False):
     return
-  for field in DATA_DEFINING_FIELDS:
-    old, new = get_field(saved, field, None), get_field(config, field)
-    if field == "dataset":
-      old, new = _dataset_key(old), _dataset_key(new)
-    if old is not None and old != new:
-      diffs.append(f"{field}: saved {old!r}, now {new!r}")
+  diffs = _differences(saved, config, DATA_DEFINING_FIELDS)
   if diffs:
     raise IncompatibleRunError(
         f"workdir {workdir} holds a run trained on other data ({'; '.join(diffs)}); its "
@@ -195,7 +199,4 @@ def keep_config_history(workdir: str) -> None:
   """Copies config.json to config.<unix time>.json before a changed config replaces it."""
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = f.read()
-    with open(os.path.join(workdir, f"config.{int(time.time())}.json"), "w") as f:
-      f.write(old)
+    shutil.copyfile(path, os.path.join(workdir, f"config.{int(time.time())}.json"))

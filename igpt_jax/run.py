@@ -18,6 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
 from igpt_jax import config_lib
@@ -82,7 +83,6 @@ class Run:
     centers = palette_lib.fit(pixels, c.palette_size, seed=c.seed,
                               iterations=c.palette_fit_iterations)
     # Identical on every process, whatever each host computed.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     centers = np.asarray(multihost_utils.broadcast_one_to_all(centers))
     if jax.process_index() == 0:
       palette_lib.save(path, centers)

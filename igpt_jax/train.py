@@ -207,6 +207,7 @@ class Trainer:
     with sharding.use(self.run.mesh, self.config):
       return self._train_step(state, sharding.global_batch(local_batch, self.run.mesh))
 
+
 log = run_lib.log
 
 
@@ -368,7 +369,6 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       start_index=start_index, process_index=jax.process_index(),
       process_count=jax.process_count())
 
-  has_validation = trainer.run.source.split_sizes["validation"] > 0
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step = {}, 0, latest
   for step in range(start + 1, c.total_steps + 1):
@@ -386,9 +386,10 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       last["tokens_per_sec"] = len(pending) * c.batch_size * seq_len / max(now - t_last, 1e-9)
       last.update(throughput(last["tokens_per_sec"], trainer.flops_per_token, c))
       pending, t_last = [], now
-      if (step % c.eval_every_steps == 0 or is_last) and has_validation:
+      if step % c.eval_every_steps == 0 or is_last:
         val = trainer.run.evaluate(state.params, "validation", c.eval_batches)
-        last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
+        if val is not None:  # None: no validation split (said at start-up)
+          last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)
@@ -410,7 +411,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
   result = dict(last, step=int(step))
   if c.num_samples > 0:
     samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,
-                                               jax.random.PRNGKey(c.seed + 2)))
+                                                       jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
       images_lib.save_png(path, images_lib.grid(samples))

@@ -58,7 +58,6 @@ def _first_batch_s(make) -> float:
 
 def main(argv):
   del argv
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import image_folder  # pylint: disable=g-import-not-at-top
   from igpt_jax import input_pipeline  # pylint: disable=g-import-not-at-top

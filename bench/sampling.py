@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from igpt_jax import model as model_lib
-from igpt_jax import sampling
+from igpt_jax import decoding
 
 
 def timed(fn, repeats):
@@ -55,8 +55,8 @@ def main():
     apply_fn = lambda p, t, keep=None, m=m: m.apply({"params": p}, t, keep)
     prefix = jnp.zeros((args.batch, cfg.seq_len), jnp.int32)
     rng = jax.random.PRNGKey(0)
-    naive = timed(lambda: sampling.sample_naive(apply_fn, params, rng, prefix), args.repeats)
-    cached = timed(lambda: sampling.sample(cfg, params, rng, prefix), args.repeats)
+    naive = timed(lambda: decoding.sample_naive(apply_fn, params, rng, prefix), args.repeats)
+    cached = timed(lambda: decoding.sample(cfg, params, rng, prefix), args.repeats)
     print(f"{size:>4}^2 {cfg.seq_len:>7} {args.batch / naive:>12.2f} {args.batch / cached:>13.2f} "
           f"{naive / cached:>8.1f}x", flush=True)
 

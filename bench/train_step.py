@@ -81,11 +81,12 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  model, schedule, tx = train.model_and_optimizer(config, max(config.warmup_steps, 1))
-  state, shardings = train.create_train_state(model, tx, mesh, config, jax.random.PRNGKey(0))
+  model, schedule, tx = train_state.model_and_optimizer(config, max(config.warmup_steps, 1))
+  state, shardings = train_state.create_train_state(model, tx, mesh, config, seed=0)
   step_fn = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
   seq_len = config.image_size**2
   rng = np.random.default_rng(0)

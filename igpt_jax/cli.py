@@ -9,6 +9,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from igpt_jax import errors
 
@@ -80,7 +81,6 @@ def run(main) -> None:
 def start(argv, flag_values) -> None:
   """What every entry point does first: reject stray arguments, hide library INFO logs (unless
   --verbosity is given), join the multi-process job if there is one."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flag_values["verbosity"].present:

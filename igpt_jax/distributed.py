@@ -16,6 +16,7 @@ through the coordination service's heartbeat; `heartbeat_timeout_s` bounds how l
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Optional
 
@@ -66,7 +67,7 @@ def detected_cluster() -> Optional[str]:
   return None
 
 
-def plan(settings: Settings) -> Optional[dict]:
+def initialize_kwargs(settings: Settings) -> Optional[dict]:
   """The keyword arguments for jax.distributed.initialize, or None for a single process."""
   explicit = (settings.coordinator_address, settings.num_processes, settings.process_id)
   if any(v is not None for v in explicit):
@@ -100,7 +101,7 @@ def initialize(settings: Optional[Settings] = None) -> None:
   global _initialized
   if _initialized:
     return
-  kwargs = plan(settings or settings_from_env())
+  kwargs = initialize_kwargs(settings or settings_from_env())
   if kwargs is None:
     return
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
@@ -111,6 +112,5 @@ def initialize(settings: Optional[Settings] = None) -> None:
 
 def _has_accelerator() -> bool:
   """Whether an accelerator plugin is installed, checked without initialising any backend."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   return any(importlib.util.find_spec(m) is not None
              for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"))

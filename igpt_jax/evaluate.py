@@ -22,6 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from igpt_jax import cli
+from igpt_jax import eval_tasks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -32,8 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   cli.start(argv, FLAGS)
-  from igpt_jax import evaluation  # pylint: disable=g-import-not-at-top
-  cli.run_reporting_user_errors(evaluation.evaluate, FLAGS.config, FLAGS.workdir)
+  cli.run_reporting_user_errors(eval_tasks.evaluate, FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

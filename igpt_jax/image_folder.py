@@ -5,13 +5,15 @@ converts the folder once into tfds' ArrayRecord format (the original encoded byt
 re-encoded, in an order shuffled by tfds), so records are read by index like any tfds data
 source. Each source folder gets its own prepared copy under `data_dir`, keyed by its absolute
 path and its content (every image's name, size and modification time): a folder that changed
-after its conversion is converted again, never silently read as it was. Corrupt or empty image files fail the conversion with the file named.
+after its conversion is converted again, never silently read as it was. Corrupt or empty image
+files fail the conversion with the file named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -136,7 +138,6 @@ def extract_archive(archive: str, cache_dir: str) -> str:
   The folder is the archive's single top-level directory if it has one, else `cache_dir/<name>`.
   A finished extraction is marked with a `.complete` file, so an interrupted one is redone.
   """
-  import tarfile  # pylint: disable=g-import-not-at-top
   name = os.path.basename(archive).split(".")[0]
   dest = os.path.join(cache_dir, name)
   marker = os.path.join(dest, ".complete")

@@ -6,8 +6,8 @@ r"""Trains an iGPT model.
 Any config field can be overridden with --config.<field>=<value>. Training resumes from the
 latest checkpoint in DIR/checkpoints that restores (damaged ones are skipped and moved to
 DIR/corrupt_checkpoints), exactly where it stopped: the data stream included. On SIGTERM it
-finishes the step, checkpoints and exits with status 42; rerun the same command to resume. Library INFO logs (orbax, absl) are hidden unless
---verbosity=0 is given.
+finishes the step, checkpoints and exits with status 42; rerun the same command to resume.
+Library INFO logs (orbax, absl) are hidden unless --verbosity=0 is given.
 """
 
 import sys
@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from igpt_jax import cli
+from igpt_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -27,7 +28,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   cli.start(argv, FLAGS)
-  from igpt_jax import train  # pylint: disable=g-import-not-at-top
   try:
     cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:

@@ -303,7 +303,7 @@ class IGPT(nn.Module):
     cfg = self.cfg
     if not cfg.causal:
       raise ValueError("decode=True needs a next-pixel (causal) model; masked-pixel models are "
-                       "sampled by iterative infilling (igpt_jax.sampling.infill).")
+                       "sampled by iterative infilling (igpt_jax.decoding.infill).")
     index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
     i = index.value
     index.value = i + 1

@@ -98,13 +98,15 @@ def _candidate_counts(cells, centers):
 
 def lookup_table(centers) -> np.ndarray:
   """int16 [2^24]: the token of RGB color (r << 16 | g << 8 | b), exactly `quantize`'s."""
-  centers = jnp.asarray(centers, jnp.float32)
+  # Explicit copies both ways (it runs once, while the input pipeline starts).
+  centers = jax.device_put(np.asarray(centers, np.float32))
   grid = np.stack(np.meshgrid(*[np.arange(_CELLS)] * 3, indexing="ij"), -1).reshape(-1, 3)
-  cells = jnp.asarray(grid, jnp.int32)
-  k = int(np.max(np.asarray(_candidate_counts(cells, centers))))
+  grid = grid.astype(np.int32)
+  k = int(np.max(jax.device_get(_candidate_counts(jax.device_put(grid), centers))))
   k = 1 << max(k - 1, 0).bit_length()  # a power of two: few distinct compilations
   chunk = max(1, (1 << 22) // (_CELL**3 * k))  # cells per call: ~4M distances at a time
-  tokens = np.concatenate([np.asarray(_cell_tokens(cells[i:i + chunk], centers, k))
+  tokens = np.concatenate([jax.device_get(_cell_tokens(jax.device_put(grid[i:i + chunk]),
+                                                       centers, k))
                            for i in range(0, len(grid), chunk)])  # [cells, 16^3]
   # Cell (R, G, B) and offset (r, g, b) -> color (16R + r, 16G + g, 16B + b), raster order.
   table = einops.rearrange(tokens, "(R G B) (r g b) -> (R r G g B b)", R=_CELLS, G=_CELLS,

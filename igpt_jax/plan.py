@@ -67,11 +67,12 @@ def plan(config, hbm_gib: float) -> dict:
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  model, schedule, tx = train.model_and_optimizer(config, train.warmup_steps(config))
-  abstract, shardings = train.abstract_train_state(model, tx, mesh, config)
+  model, schedule, tx = train_state.model_and_optimizer(config, train_state.warmup_steps(config))
+  abstract, shardings = train_state.abstract_train_state(model, tx, mesh, config)
   batch_sharding = sharding.batch_sharding(mesh)
   seq_len = config.image_size**2
   batch = {"tokens": jax.ShapeDtypeStruct((config.batch_size, seq_len), jnp.int32,

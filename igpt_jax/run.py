@@ -27,7 +27,7 @@ from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
 from igpt_jax import palette as palette_lib
-from igpt_jax import sampling
+from igpt_jax import decoding
 from igpt_jax import sharding
 
 
@@ -180,11 +180,18 @@ class Run:
 
   @functools.cached_property
   def _loss_sums(self):
+    """(params, batch, batch index) -> (summed nats and token count, index + 1). The
+    masked-pixel mask's key is folded from the index, so a batch always gets the same mask; the
+    index stays on the devices, so the loop copies nothing from the host."""
     c, replicated = self.config, sharding.replicated(self.mesh)
-    return jax.jit(functools.partial(objectives.masked_loss_sums, self.apply_fn,
-                                     objective=c.objective, mask_prob=c.mask_prob),
-                   in_shardings=(self.param_shardings, sharding.batch_sharding(self.mesh),
-                                 replicated),
+
+    def loss_sums(params, batch, index):
+      rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), index)
+      return objectives.masked_loss_sums(self.apply_fn, params, batch, rng,
+                                         objective=c.objective, mask_prob=c.mask_prob), index + 1
+
+    return jax.jit(loss_sums, in_shardings=(self.param_shardings,
+                                            sharding.batch_sharding(self.mesh), replicated),
                    out_shardings=replicated)
 
   def evaluate(self, params, split: str, num_batches: int = -1):
@@ -192,30 +199,33 @@ class Run:
     split is empty (holdout_fraction=0 leaves no validation split)."""
     if self.source.split_sizes[split] == 0:
       return None
-    nats, count = 0.0, 0.0
-    for i, batch in enumerate(self.eval_batches(split, num_batches=num_batches)):
-      rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), i)
-      out = self._loss_sums(params, batch, rng)
-      nats += float(out["nats_sum"])
-      count += float(out["count"])
-    loss = nats / count
+    index = jax.jit(lambda: jnp.zeros((), jnp.int32),
+                    out_shardings=sharding.replicated(self.mesh))()
+    sums = []
+    for batch in self.eval_batches(split, num_batches=num_batches):
+      out, index = self._loss_sums(params, batch, index)
+      sums.append(out)
+    sums = jax.device_get(sums)  # one copy to the host, after the last batch
+    loss = sum(float(s["nats_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
     return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
 
   def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
-             cfg: sampling.SamplingConfig | None = None) -> np.ndarray:
+             cfg: decoding.SamplingConfig | None = None, per_step: int = 16) -> np.ndarray:
     """Draws `num` images' tokens [num, seq_len]: the cached sampler for next-pixel models,
-    most-confident-first infilling for masked-pixel ones. `prefix` [num, seq_len] with
-    `prefix_len` > 0 gives completions of its first `prefix_len` pixels."""
-    cfg = cfg or sampling.SamplingConfig(temperature=self.config.sample_temperature)
+    most-confident-first infilling for masked-pixel ones (`per_step` pixels committed a pass).
+    `prefix` [num, seq_len] with `prefix_len` > 0 gives completions of its first `prefix_len`
+    pixels."""
+    cfg = cfg or decoding.SamplingConfig(temperature=self.config.sample_temperature)
     seq_len = self.model_cfg.seq_len
     prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
     with sharding.use(self.mesh, self.config):
       if self.model_cfg.causal:
-        tokens = sampling.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
+        tokens = decoding.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
                                  prefix_len=prefix_len, cfg=cfg)
       else:
         keep = np.broadcast_to(np.arange(seq_len) < prefix_len, prefix.shape)
-        tokens = sampling.infill(self.apply_fn, params, rng, prefix, keep, cfg=cfg)
+        tokens = decoding.infill(self.apply_fn, params, rng, prefix, keep, per_step=per_step,
+                                 cfg=cfg)
     return np.asarray(tokens)
 
   def to_images(self, tokens) -> np.ndarray:

@@ -20,7 +20,12 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from igpt_jax import checkpointing
 from igpt_jax import cli
+from igpt_jax import decoding
+from igpt_jax import image_grid
+from igpt_jax import input_pipeline
+from igpt_jax import run as run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
@@ -45,14 +50,9 @@ flags.register_validator("per_step", lambda n: n > 0,
                          "--per_step must be a positive number of pixels per pass.")
 flags.register_multi_flags_validator(
     ["temperature", "top_k", "top_p"],
-    lambda f: not _sampling_problems(f["temperature"], f["top_k"], f["top_p"]),
+    lambda f: not decoding.sampling_problems(f["temperature"], f["top_k"], f["top_p"]),
     "sampling settings: --temperature > 0 (--greedy for the most likely colors), --top_k >= 0, "
     "0 < --top_p <= 1.")
-
-
-def _sampling_problems(temperature, top_k, top_p):
-  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
-  return sampling.sampling_problems(temperature, top_k, top_p)
 
 
 def half_masked(images: np.ndarray) -> np.ndarray:
@@ -63,24 +63,18 @@ def half_masked(images: np.ndarray) -> np.ndarray:
 
 def run(config, workdir: str) -> list[str]:
   """Writes the requested samples into workdir/samples; returns the paths written."""
-  from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from igpt_jax import images as images_lib  # pylint: disable=g-import-not-at-top
-  from igpt_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
-  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
-
   checkpointing.check_compatible(workdir, config)
   trained = run_lib.Run(config, workdir)
   trained.centers  # pylint: disable=pointless-statement  # a run without a palette fails here
   params, step = trained.restore_params()  # parameters only: no optimizer state
-  cfg = sampling.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+  cfg = decoding.SamplingConfig(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy)
   rng = jax.random.PRNGKey(FLAGS.seed)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   if FLAGS.mode == "unconditional":
-    tokens = trained.sample(params, FLAGS.num, rng, cfg=cfg)
-    grid = images_lib.grid(trained.to_images(tokens))
+    tokens = trained.sample(params, FLAGS.num, rng, cfg=cfg, per_step=FLAGS.per_step)
+    grid = image_grid.grid(trained.to_images(tokens))
     stem = os.path.join(out_dir, f"unconditional_step{step}")
   else:
     batch = next(input_pipeline.eval_iterator(
@@ -89,15 +83,16 @@ def run(config, workdir: str) -> list[str]:
     originals = batch["tokens"][batch["mask"]]
     prefix_len = (config.image_size // 2) * config.image_size  # the top half, in raster order
     completions = [trained.sample(params, len(originals), jax.random.fold_in(rng, j),
-                                  prefix=originals, prefix_len=prefix_len, cfg=cfg)
+                                  prefix=originals, prefix_len=prefix_len, cfg=cfg,
+                                  per_step=FLAGS.per_step)
                    for j in range(FLAGS.completions)]
     tokens = np.stack([originals] + completions, axis=1)  # [num, 1 + completions, seq_len]
     images = trained.to_images(tokens)  # [num, 1 + completions, S, S, 3]
     rows = np.concatenate([images[:, :1], half_masked(images[:, 0])[:, None], images[:, 1:]],
                           axis=1)
-    grid = images_lib.grid(rows.reshape(-1, *rows.shape[2:]), cols=rows.shape[1])
+    grid = image_grid.grid(rows.reshape(-1, *rows.shape[2:]), cols=rows.shape[1])
     stem = os.path.join(out_dir, f"completions_step{step}")
-  images_lib.save_png(stem + ".png", grid)
+  image_grid.save_png(stem + ".png", grid)
   np.save(stem + ".npy", np.asarray(tokens, np.int32))
   return [stem + ".png", stem + ".npy"]
 

@@ -1,4 +1,4 @@
-"""Training: state creation, the pure train/eval steps, and `train_and_evaluate`."""
+"""Training: the pure train step and the loop, `train_and_evaluate`."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 import einops
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,84 +19,15 @@ from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
 from igpt_jax import flops
-from igpt_jax import images as images_lib
+from igpt_jax import image_grid
 from igpt_jax import input_pipeline
 from igpt_jax import metric_writer
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
-from igpt_jax import optim
 from igpt_jax import run as run_lib
 from igpt_jax import sharding
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def warmup_steps(config, train_examples: int | None = None) -> int:
-  """config.warmup_steps, with -1 meaning one epoch of the training split (the paper).
-
-  Tools that do not open the data (plan, convert) pass no split size: for them the schedule
-  changes neither shapes nor memory, and -1 stands for no warmup.
-  """
-  if config.warmup_steps >= 0:
-    return config.warmup_steps
-  if train_examples is None:
-    return 0
-  return min(config.total_steps, max(1, train_examples // config.batch_size))
-
-
-def lr_schedule(config, warmup: int):
-  """Linear warmup from 0 to config.learning_rate, then cosine decay to 0 at total_steps."""
-  return optim.warmup_cosine(config.learning_rate, warmup, config.total_steps)
-
-
-def model_and_optimizer(config, warmup: int):
-  """(model, learning-rate schedule, optimizer) of `config`, warming up over `warmup` steps."""
-  model = model_lib.IGPT(model_lib.model_config_from(config))
-  schedule = lr_schedule(config, warmup)
-  return model, schedule, make_optimizer(config, schedule)
-
-
-make_optimizer = optim.adam
-
-
-def _state_init_fn(model, tx, config):
-  """rng -> a fresh TrainState whose parameters are boxed with their logical axis names."""
-  seq_len = config.image_size**2
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-  return init
-
-
-def abstract_train_state(model, tx, mesh, config):
-  """(shape-only TrainState of ShapeDtypeStructs carrying their shardings, the shardings).
-
-  Nothing is allocated: `jax.eval_shape` of the init, shardings from the logical axis rules.
-  """
-  with sharding.use(mesh, config):
-    boxed = jax.eval_shape(_state_init_fn(model, tx, config), jax.random.PRNGKey(0))
-    shardings = sharding.param_shardings(boxed, mesh, config)
-  # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
-  return checkpointing.abstract_like(model_lib.unbox_shapes(boxed), shardings), shardings
-
-
-def create_train_state(model, tx, mesh, config, rng):
-  """Builds the sharded train state shape-first, so it is never materialised on one device.
-
-  Returns (state, state_shardings).
-  """
-  _, shardings = abstract_train_state(model, tx, mesh, config)
-  init = _state_init_fn(model, tx, config)
-  with sharding.use(mesh, config):
-    state = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
-  return state, shardings
+from igpt_jax import train_state as state_lib
+from igpt_jax.train_state import TrainState
 
 
 def jit_train_step(config, model, tx, schedule, mesh, state_shardings):
@@ -179,14 +108,14 @@ class Trainer:
     self.run = run_lib.Run(config, workdir, fit_palette=True)
     self.config, self.workdir = config, workdir
     self.centers = self.run.centers  # fitted and saved when the run has no palette yet
-    self.warmup = warmup_steps(config, self.run.source.split_sizes["train"])
-    self.schedule = lr_schedule(config, self.warmup)
-    self.tx = make_optimizer(config, self.schedule)
+    self.warmup = state_lib.warmup_steps(config, self.run.source.split_sizes["train"])
+    self.schedule = state_lib.lr_schedule(config, self.warmup)
+    self.tx = state_lib.make_optimizer(config, self.schedule)
     model, mesh = self.run.model, self.run.mesh
     # Shapes and shardings only: a state is allocated by restoring a checkpoint into them, or
     # by `init_state` when there is none, so one train state exists at a time.
-    self.abstract_state, self.state_shardings = abstract_train_state(model, self.tx, mesh,
-                                                                     config)
+    self.abstract_state, self.state_shardings = state_lib.abstract_train_state(
+        model, self.tx, mesh, config)
     self.num_params = model_lib.count_params(self.abstract_state.params)
     self.flops_per_token = flops.train_flops_per_token_of(model.cfg)
     self._train_step = jit_train_step(config, model, self.tx, self.schedule, mesh,
@@ -194,8 +123,8 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """A freshly initialised train state, built sharded (for a run without a checkpoint)."""
-    state, _ = create_train_state(self.run.model, self.tx, self.run.mesh, self.config,
-                                  jax.random.PRNGKey(self.config.seed))
+    state, _ = state_lib.create_train_state(self.run.model, self.tx, self.run.mesh, self.config,
+                                            self.config.seed)
     return state
 
   def restore_latest(self, mgr):
@@ -359,7 +288,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
   else:
     log(f"Resumed from checkpoint at step {latest}.")
     log(f"Data position: example {start_index:,} of the training stream.")
-  start = int(state.step)
+  start = int(jax.device_get(state.step))
   writer.forget_after(start)
 
   # Exact resume: the stream is read by index from the saved position, at a cost that does
@@ -414,7 +343,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
                                                        jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
-      images_lib.save_png(path, images_lib.grid(samples))
+      image_grid.save_png(path, image_grid.grid(samples))
       log(f"Wrote {c.num_samples} samples to {path}")
   if "val_bits_per_dim" in result:
     log(f"Done: step {step}, validation bits/dim {result['val_bits_per_dim']:.4f} "

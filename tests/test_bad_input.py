@@ -18,7 +18,7 @@ from conftest import metrics_by_step
 from conftest import quickstart_config
 from igpt_jax import image_folder
 from igpt_jax import input_pipeline
-from igpt_jax import sampling
+from igpt_jax import decoding
 from igpt_jax import train
 
 QUICKSTART = "--config=configs/quickstart.py"
@@ -185,8 +185,8 @@ def test_sample_flags(run, flag, phrase):
 def test_sampling_config_refuses_what_would_give_wrong_images():
   for kw in ({"temperature": 0.0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -5}):
     with pytest.raises(ValueError, match="must be"):
-      sampling.SamplingConfig(**kw)
-  sampling.SamplingConfig(temperature=0.5, top_k=10, top_p=0.9)  # fine
+      decoding.SamplingConfig(**kw)
+  decoding.SamplingConfig(temperature=0.5, top_k=10, top_p=0.9)  # fine
 
 
 @pytest.mark.parametrize("flag,phrase", [("--devices=0", "--devices must be a positive"),

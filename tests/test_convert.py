@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import REPO  # pylint: disable=wrong-import-position
-from igpt_jax import convert  # pylint: disable=wrong-import-position
+from igpt_jax import weights  # pylint: disable=wrong-import-position
 from igpt_jax import palette as palette_lib  # pylint: disable=wrong-import-position
 
 SHAPES = [  # (layers, width, heads, image side)
@@ -58,8 +58,8 @@ def test_hf_import_logits_match_pytorch(layers, width, heads, side, tmp_path):
   model = random_hf_model(layers, width, heads, side)
   palette = np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)
   save_hf(model, palette, tmp_path / "hf")
-  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  logits, centers = convert.logits_fn(str(tmp_path / "run"))
+  weights.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  logits, centers = weights.logits_fn(str(tmp_path / "run"))
   np.testing.assert_array_equal(centers, palette)
   tokens = np.random.default_rng(1).integers(0, 512, (3, side * side))
   ours, theirs = logits(tokens), hf_logits(model, tokens)
@@ -72,7 +72,7 @@ def test_export_to_hf_round_trips(tmp_path):
   model = random_hf_model(2, 64, 4, 8, seed=3)
   palette = np.random.default_rng(2).uniform(-1, 1, (512, 3)).astype(np.float32)
   save_hf(model, palette, tmp_path / "hf")
-  convert.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
+  weights.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
   cmd = [sys.executable, "-m", "igpt_jax.convert", "--to=hf", f"--workdir={tmp_path / 'run'}",
          f"--output={tmp_path / 'back'}"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -104,7 +104,7 @@ def test_openai_checkpoint_layout(tmp_path):
   projections, `g` gains), written from a transformers model, imports to the same logits."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model = random_hf_model(2, 64, 4, 8, seed=5)
-  ours = convert.from_hf_state({k: v.numpy() for k, v in model.state_dict().items()},
+  ours = weights.from_hf_state({k: v.numpy() for k, v in model.state_dict().items()},
                                num_layers=2, num_heads=4)
   d = 64
   variables = {"model/wte": ours["wte"], "model/wpe": ours["wpe"], "model/sos": ours["sos"],
@@ -135,7 +135,7 @@ def test_openai_checkpoint_layout(tmp_path):
                         "--num_heads=4", f"--workdir={tmp_path / 'run'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  logits, centers = convert.logits_fn(str(tmp_path / "run"))
+  logits, centers = weights.logits_fn(str(tmp_path / "run"))
   np.testing.assert_array_equal(centers, palette)
   tokens = np.random.default_rng(7).integers(0, 512, (2, 64))
   np.testing.assert_allclose(logits(tokens), hf_logits(model, tokens), atol=1e-4)
@@ -149,10 +149,10 @@ def test_conversion_errors_are_clear(tmp_path):
   with torch.no_grad():
     model.transformer.h[0].mlp.c_fc.bias.fill_(0.5)
   state = {k: v.numpy() for k, v in model.state_dict().items()}
-  with pytest.raises(convert.ConversionError, match="mlp.c_fc.bias is not zero"):
-    convert.from_hf_state(state, num_layers=1, num_heads=4)
-  with pytest.raises(convert.ConversionError, match="no config.json"):
-    convert.import_hf(str(tmp_path), str(tmp_path / "run"))
+  with pytest.raises(weights.ConversionError, match="mlp.c_fc.bias is not zero"):
+    weights.from_hf_state(state, num_layers=1, num_heads=4)
+  with pytest.raises(weights.ConversionError, match="no config.json"):
+    weights.import_hf(str(tmp_path), str(tmp_path / "run"))
   out = subprocess.run([sys.executable, "-m", "igpt_jax.convert", "--source=openai",
                         f"--input={tmp_path / 'missing'}", "--palette=x.npy",
                         f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,

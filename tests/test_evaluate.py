@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from conftest import REPO
 from conftest import quickstart_config as quickstart
 from igpt_jax import config_lib
-from igpt_jax import evaluation
+from igpt_jax import eval_tasks
 from igpt_jax import features as features_lib
 from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
@@ -121,7 +121,7 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
   config = quickstart(workdir, **{"eval.tasks": "linear_probe,low_data,bits_per_dim",
                                   "eval.low_data_per_class": (5, 20),
                                   "eval.low_data_seeds": 2})
-  results = evaluation.evaluate(config, workdir)
+  results = eval_tasks.evaluate(config, workdir)
   with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
     lp = json.load(f)
   assert lp == json.loads(json.dumps(results["linear_probe"]))
@@ -152,7 +152,7 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
 
   # A second run reads every split's features from the cache and gives the same numbers.
   capsys.readouterr()
-  again = evaluation.evaluate(quickstart(workdir, **{"eval.tasks": "linear_probe"}), workdir)
+  again = eval_tasks.evaluate(quickstart(workdir, **{"eval.tasks": "linear_probe"}), workdir)
   assert capsys.readouterr().out.count("features from cache") == 3
   assert again["linear_probe"]["layers"] == lp["layers"]
 
@@ -163,7 +163,7 @@ def test_finetune_learns_the_labels(trained_quickstart):
                                   "eval.finetune_eval_every_steps": 30,
                                   "eval.finetune_warmup_steps": 10,
                                   "eval.finetune_learning_rate": 3e-3})
-  ft = evaluation.evaluate(config, workdir)["finetune"]
+  ft = eval_tasks.evaluate(config, workdir)["finetune"]
   with open(os.path.join(workdir, "eval", "finetune.json")) as f:
     assert json.load(f)["test_acc"] == ft["test_acc"]
   hist = ft["history"]
@@ -180,13 +180,13 @@ def test_finetune_learns_the_labels(trained_quickstart):
 
 def test_missing_run_and_missing_step_fail_with_a_fix(trained_quickstart, tmp_path):
   with pytest.raises(FileNotFoundError, match="no palette.npy.*Train first"):
-    evaluation.evaluate(quickstart(str(tmp_path)), str(tmp_path))
+    eval_tasks.evaluate(quickstart(str(tmp_path)), str(tmp_path))
   config = quickstart(trained_quickstart, **{"eval.step": 7})
   with pytest.raises(FileNotFoundError, match=r"step 7.*have \[60, 120\]"):
-    evaluation.evaluate(config, trained_quickstart)
+    eval_tasks.evaluate(config, trained_quickstart)
   config = quickstart(trained_quickstart, **{"model.width": 64})
   with pytest.raises(ValueError, match="model.width: saved 128, now 64"):
-    evaluation.evaluate(config, trained_quickstart)
+    eval_tasks.evaluate(config, trained_quickstart)
 
 
 def test_evaluate_cli(trained_quickstart):
@@ -211,7 +211,7 @@ def test_probe_on_another_dataset_real_cifar10(trained_quickstart, cifar10_dir, 
   config = quickstart(**{"eval.tasks": "linear_probe", "eval.dataset": cifar10_dir,
                          "data_dir": tfds_dir, "eval.layers": "2,4",
                          "eval.max_train_examples": 2000, "eval.holdout_fraction": 0.02})
-  lp = evaluation.evaluate(config, trained_quickstart)["linear_probe"]
+  lp = eval_tasks.evaluate(config, trained_quickstart)["linear_probe"]
   assert lp["dataset"] == cifar10_dir
   assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (2000, 1000, 10_000)
   assert list(lp["layers"]) == ["2", "4"]
@@ -240,18 +240,18 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   or allocated, and nothing of a train state's size is alive after the restore."""
   import gc  # pylint: disable=g-import-not-at-top
   from igpt_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from igpt_jax import convert  # pylint: disable=g-import-not-at-top
   from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
-  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
+  from igpt_jax import weights  # pylint: disable=g-import-not-at-top
   def refuse(*args, **kwargs):
     raise AssertionError("a tool built or restored a full train state")
-  monkeypatch.setattr(train, "create_train_state", refuse)
+  monkeypatch.setattr(train_state, "create_train_state", refuse)
   monkeypatch.setattr(checkpointing, "restore", refuse)
   config = quickstart(trained_quickstart)
   gc.collect()
   baseline = sum(x.nbytes for x in jax.live_arrays())
   param_bytes = 4 * 800_000  # the quickstart model: 0.8M float32 parameters
-  ev = evaluation.Evaluator(config, trained_quickstart)
+  ev = eval_tasks.Evaluator(config, trained_quickstart)
   assert model_lib.count_params(ev.params) == 800_000 and ev.step == 120
   grown = sum(x.nbytes for x in jax.live_arrays()) - baseline
   assert param_bytes <= grown < 1.2 * param_bytes  # parameters, not 3x (Adam's mu and nu)
@@ -259,5 +259,5 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   assert step == 120
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                   jax.tree_util.tree_leaves(ev.params)))
-  params, step, _ = convert._restore_params(trained_quickstart, config)  # export's restore
+  params, step, _ = weights._restore_params(trained_quickstart, config)  # export's restore
   assert step == 120 and model_lib.count_params(params) == 800_000

@@ -17,13 +17,14 @@ from igpt_jax import distributed
 from igpt_jax import model as model_lib
 from igpt_jax import sharding
 from igpt_jax import train
+from igpt_jax import train_state
 
 
 def test_gradient_accumulation_equals_the_full_batch():
   config = tiny_config()
-  model, schedule, tx = train.model_and_optimizer(config, 2)
+  model, schedule, tx = train_state.model_and_optimizer(config, 2)
   mesh = sharding.make_mesh(config)
-  state, _ = train.create_train_state(model, tx, mesh, config, jax.random.PRNGKey(0))
+  state, _ = train_state.create_train_state(model, tx, mesh, config, seed=0)
   # A non-zero head, so that the loss and every gradient depend on the whole model.
   params = dict(state.params)
   params["wtet"] = 0.1 * jax.random.normal(jax.random.PRNGKey(1), params["wtet"].shape)
@@ -116,16 +117,16 @@ def clean_env(monkeypatch):
 
 
 def test_distributed_settings(clean_env):
-  assert distributed.plan(distributed.settings_from_env()) is None  # one process
+  assert distributed.initialize_kwargs(distributed.settings_from_env()) is None  # one process
   clean_env.setenv("IGPT_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   clean_env.setenv("IGPT_NUM_PROCESSES", "4")
   with pytest.raises(ValueError, match="incomplete.*process_id=None"):
-    distributed.plan(distributed.settings_from_env())
-  kw = distributed.plan(distributed.settings_from_env(process_id=3))
+    distributed.initialize_kwargs(distributed.settings_from_env())
+  kw = distributed.initialize_kwargs(distributed.settings_from_env(process_id=3))
   assert kw["coordinator_address"] == "10.0.0.1:1234" and kw["num_processes"] == 4
   assert kw["process_id"] == 3 and kw["heartbeat_timeout_seconds"] == 100
   with pytest.raises(ValueError, match=r"process_id=4 must be in \[0, num_processes=4\)"):
-    distributed.plan(distributed.settings_from_env(process_id=4))
+    distributed.initialize_kwargs(distributed.settings_from_env(process_id=4))
   clean_env.setenv("IGPT_NUM_PROCESSES", "four")
   with pytest.raises(ValueError, match="IGPT_NUM_PROCESSES='four'"):
     distributed.settings_from_env()
@@ -137,7 +138,7 @@ def test_cluster_detection(clean_env):
   assert distributed.detected_cluster() is None
   clean_env.setenv("SLURM_NTASKS", "16")
   assert distributed.detected_cluster() == "slurm"
-  assert "coordinator_address" not in distributed.plan(distributed.settings_from_env())
+  assert "coordinator_address" not in distributed.initialize_kwargs(distributed.settings_from_env())
   clean_env.delenv("SLURM_NTASKS")
   clean_env.setenv("TPU_WORKER_HOSTNAMES", "w0,w1,w2,w3")
   assert distributed.detected_cluster() == "tpu"

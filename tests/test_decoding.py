@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from conftest import REPO
 from igpt_jax import model as model_lib
-from igpt_jax import sampling
+from igpt_jax import decoding
 
 
 def make_model(seed=0, head_scale=1.0, **kw):
@@ -49,10 +49,10 @@ def test_cached_decoding_reproduces_full_forward_logits():
 def test_greedy_cached_equals_naive_exactly(prefix_len):
   cfg, params, apply_fn = make_model(head_scale=3.0)
   prefix = jax.random.randint(jax.random.PRNGKey(3), (4, cfg.seq_len), 0, cfg.vocab_size)
-  greedy = sampling.SamplingConfig(greedy=True)
-  naive = np.asarray(sampling.sample_naive(apply_fn, params, jax.random.PRNGKey(0), prefix,
+  greedy = decoding.SamplingConfig(greedy=True)
+  naive = np.asarray(decoding.sample_naive(apply_fn, params, jax.random.PRNGKey(0), prefix,
                                            prefix_len=prefix_len, cfg=greedy))
-  cached = np.asarray(sampling.sample(cfg, params, jax.random.PRNGKey(0), prefix,
+  cached = np.asarray(decoding.sample(cfg, params, jax.random.PRNGKey(0), prefix,
                                       prefix_len=prefix_len, cfg=greedy))
   # The comparison means something only if no two top logits nearly tie along the way.
   top2 = jax.lax.top_k(apply_fn(params, jnp.asarray(naive)), 2)[0]
@@ -64,9 +64,9 @@ def test_greedy_cached_equals_naive_exactly(prefix_len):
 def test_sampling_is_reproducible_from_the_seed():
   cfg, params, _ = make_model()
   zeros = jnp.zeros((4, cfg.seq_len), jnp.int32)
-  a = sampling.sample(cfg, params, jax.random.PRNGKey(7), zeros)
-  b = sampling.sample(cfg, params, jax.random.PRNGKey(7), zeros)
-  c = sampling.sample(cfg, params, jax.random.PRNGKey(8), zeros)
+  a = decoding.sample(cfg, params, jax.random.PRNGKey(7), zeros)
+  b = decoding.sample(cfg, params, jax.random.PRNGKey(7), zeros)
+  c = decoding.sample(cfg, params, jax.random.PRNGKey(8), zeros)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
 
@@ -74,7 +74,7 @@ def test_sampling_is_reproducible_from_the_seed():
 def last_pixel_frequencies(cfg, params, prefix, sampling_cfg, n=6000):
   """Draws only the last pixel of `n` copies of `prefix`; returns color frequencies."""
   batch = jnp.broadcast_to(prefix, (n, cfg.seq_len))
-  out = sampling.sample(cfg, params, jax.random.PRNGKey(11), batch,
+  out = decoding.sample(cfg, params, jax.random.PRNGKey(11), batch,
                         prefix_len=cfg.seq_len - 1, cfg=sampling_cfg)
   return np.bincount(np.asarray(out[:, -1]), minlength=cfg.vocab_size) / n
 
@@ -86,7 +86,7 @@ def test_sampled_frequencies_match_the_softmax(temperature):
   probs = np.asarray(jax.nn.softmax(apply_fn(params, prefix)[0, -1] / temperature))
   assert probs.max() < 0.6  # a distribution worth testing, not one color
   freq = last_pixel_frequencies(cfg, params, prefix,
-                                sampling.SamplingConfig(temperature=temperature))
+                                decoding.SamplingConfig(temperature=temperature))
   # 6,000 draws: the standard error of a frequency is at most 0.0065; allow 4 of them.
   np.testing.assert_allclose(freq, probs, atol=0.026)
 
@@ -99,7 +99,7 @@ def test_top_k_and_top_p_restrict_and_renormalise():
 
   top3 = np.zeros_like(probs)
   top3[order[:3]] = probs[order[:3]] / probs[order[:3]].sum()
-  freq = last_pixel_frequencies(cfg, params, prefix, sampling.SamplingConfig(top_k=3))
+  freq = last_pixel_frequencies(cfg, params, prefix, decoding.SamplingConfig(top_k=3))
   np.testing.assert_allclose(freq, top3, atol=0.026)
   assert freq[order[3:]].sum() == 0
 
@@ -107,7 +107,7 @@ def test_top_k_and_top_p_restrict_and_renormalise():
   nucleus = order[:int(np.searchsorted(mass, 0.7)) + 1]  # smallest set with mass >= 0.7
   expected = np.zeros_like(probs)
   expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
-  freq = last_pixel_frequencies(cfg, params, prefix, sampling.SamplingConfig(top_p=0.7))
+  freq = last_pixel_frequencies(cfg, params, prefix, decoding.SamplingConfig(top_p=0.7))
   np.testing.assert_allclose(freq, expected, atol=0.026)
 
 
@@ -125,8 +125,8 @@ def test_infill_keeps_visible_pixels_and_fills_most_confident_first():
   tokens = jnp.full((2, length), 7, jnp.int32)
   keep = np.zeros((2, length), bool)
   keep[:, :4] = True
-  out = np.asarray(sampling.infill(apply_fn, None, jax.random.PRNGKey(0), tokens, keep,
-                                   per_step=3, cfg=sampling.SamplingConfig(greedy=True)))
+  out = np.asarray(decoding.infill(apply_fn, None, jax.random.PRNGKey(0), tokens, keep,
+                                   per_step=3, cfg=decoding.SamplingConfig(greedy=True)))
   np.testing.assert_array_equal(out[:, :4], 7)  # visible pixels untouched
   # Pass 1 fills 9-11 (4 visible), pass 2 fills 6-8 (7 visible), pass 3 fills 4-5 (10 visible).
   np.testing.assert_array_equal(out[:, 4:], [[2, 2, 7, 7, 7, 4, 4, 4]] * 2)
@@ -137,7 +137,7 @@ def test_infill_with_a_masked_pixel_model():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (3, cfg.seq_len), 0, cfg.vocab_size)
   keep = np.zeros((3, cfg.seq_len), bool)
   keep[:, :10] = True
-  run = lambda seed: np.asarray(sampling.infill(apply_fn, params, jax.random.PRNGKey(seed),
+  run = lambda seed: np.asarray(decoding.infill(apply_fn, params, jax.random.PRNGKey(seed),
                                                 tokens, keep, per_step=5))
   a, b, c = run(0), run(0), run(1)
   np.testing.assert_array_equal(a[:, :10], np.asarray(tokens)[:, :10])
@@ -148,8 +148,8 @@ def test_infill_with_a_masked_pixel_model():
   one = keep.copy()
   one[:, 10:] = True
   one[:, 20] = False
-  out = np.asarray(sampling.infill(apply_fn, params, jax.random.PRNGKey(0), tokens, one,
-                                   per_step=1, cfg=sampling.SamplingConfig(greedy=True)))
+  out = np.asarray(decoding.infill(apply_fn, params, jax.random.PRNGKey(0), tokens, one,
+                                   per_step=1, cfg=decoding.SamplingConfig(greedy=True)))
   expected = np.asarray(jnp.argmax(apply_fn(params, tokens, jnp.asarray(one))[:, 20], -1))
   np.testing.assert_array_equal(out[:, 20], expected)
 

@@ -12,6 +12,8 @@ import time
 
 import jax
 import numpy as np
+# A bare Figure (no pyplot): leaves the caller's backend alone, e.g. a notebook's inline one.
+from matplotlib.figure import Figure
 
 from igpt_jax import checkpointing
 from igpt_jax import config_lib
@@ -38,8 +40,6 @@ def write_json(path: str, obj) -> None:
 
 def plot_probe(path: str, result: dict) -> None:
   """Accuracy against layer depth, with the raw-pixel baseline as a dashed line."""
-  # A bare Figure (no pyplot): leaves the caller's backend alone, e.g. a notebook's inline one.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   layers = sorted(int(k) for k in result["layers"])
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()

@@ -1,10 +1,14 @@
 r"""The README's memory table: `python -m igpt_jax.plan` for each row, printed as markdown.
 
-  python bench/memory_plans.py            # every row (~2 minutes on a laptop CPU)
+  python bench/memory_plans.py            # every row (TPU rows: minutes each on a laptop CPU)
   python bench/memory_plans.py --rows=0,3 # some rows
 
-Each row compiles the real train step on fake CPU devices from shape-only inputs (nothing is
-allocated), in its own process (the fake device count is fixed when jax starts).
+TPU rows compile the real train step for a TPU topology with the XLA:TPU compiler (libtpu, the
+[tpu] extra; no TPU needed) and carry the roofline (FLOPs and HBM bytes per step, the step-time
+bound and the MFU bound it implies; collectives not counted). GPU rows compile on fake CPU
+devices with the CPU compiler (no GPU compiler runs without a GPU), memory only. Nothing is
+allocated: shape-only inputs. Each row runs in its own process, with XLA's warnings shown, and
+says whether the SPMD partitioner reported an "involuntary full rematerialization".
 """
 
 import argparse
@@ -15,46 +19,66 @@ import sys
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (model label, devices label, device count, HBM GiB, config, overrides, settings label)
+# (model label, devices label, target, config, overrides, settings label); target is a TPU
+# topology name, or ("cpu", fake device count, HBM GiB) for GPU shapes.
 ROWS = [
-    ("iGPT-L 1.36B, 32²", "8 (8×H100, 80 GB)", 8, 80, "l",
+    ("iGPT-L 1.36B, 32²", "v5e-256 (256 chips, 16 GiB)", "v5e:16x16", "l",
+     ["mesh.data=1", "mesh.fsdp=128", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    ("iGPT-L", "v5e-256", "v5e:16x16", "l",
+     ["mesh.data=1", "mesh.fsdp=128", "mesh.tensor=2", "model.dtype=bfloat16"],
+     "batch 128, `dots_saveable`, bf16"),
+    ("iGPT-L", "v4-128 (64 chips, 32 GiB)", "v4:4x4x4", "l",
+     ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    ("iGPT-L", "v4-512 (256 chips)", "v4:8x8x4", "l",
+     ["mesh.data=2", "mesh.fsdp=64", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    ("iGPT-L", "v5p-128 (64 chips, 95 GiB)", "v5p:4x4x4", "l",
+     ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    ("iGPT-XL 6.8B, 64²", "v5p-256 (128 chips)", "v5p:4x4x8", "xl",
+     ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=4"], "batch 64, `full`, f32"),
+    ("iGPT-XL", "v4-512 (256 chips)", "v4:8x8x4", "xl",
+     ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=4"], "batch 64, `full`, f32"),
+    ("iGPT-XL", "v5e-256", "v5e:16x16", "xl",
+     ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=4", "model.dtype=bfloat16"],
+     "batch 64, `full`, bf16"),
+    ("iGPT-L 1.36B, 32²", "8×H100 (80 GB)", ("cpu", 8, 80), "l",
      ["mesh.data=1", "mesh.fsdp=8", "batch_size=8", "model.remat_policy=full"],
      "batch 1/device, `full` remat"),
-    ("iGPT-L", "8 (8×H100)", 8, 80, "l",
-     ["mesh.data=1", "mesh.fsdp=8", "batch_size=8"], "batch 1/device, `dots_saveable`"),
-    ("iGPT-L", "8 (8×H100)", 8, 80, "l", ["mesh.data=1", "mesh.fsdp=8"],
+    ("iGPT-L", "8×H100", ("cpu", 8, 80), "l", ["mesh.data=1", "mesh.fsdp=8"],
      "batch 128, `dots_saveable`"),
-    ("iGPT-L", "8 (8×H100)", 8, 80, "l",
+    ("iGPT-L", "8×H100", ("cpu", 8, 80), "l",
      ["mesh.data=1", "mesh.fsdp=8", "grad_accum_steps=2"], "batch 128 in 2 micro-batches"),
-    ("iGPT-L", "8 (8×H100)", 8, 80, "l",
+    ("iGPT-L", "8×H100", ("cpu", 8, 80), "l",
      ["mesh.data=1", "mesh.fsdp=8", "model.remat_policy=full"], "batch 128, `full` remat"),
-    ("iGPT-L", "256 (v4-256, 32 GiB)", 256, 32, "l",
-     ["mesh.data=2", "mesh.fsdp=64", "mesh.tensor=2"], "batch 128, `dots_saveable`"),
-    ("iGPT-L", "256 (v5e-256, 16 GiB)", 256, 16, "l",
-     ["mesh.data=1", "mesh.fsdp=128", "mesh.tensor=2"], "batch 128, `dots_saveable`"),
-    ("iGPT-XL 6.8B, 64²", "256 (v4-256)", 256, 32, "xl",
-     ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=4"], "batch 64, `full`"),
-    ("iGPT-XL", "64 (8 nodes × 8 H100)", 64, 80, "xl",
+    ("iGPT-XL", "64 (8 nodes × 8 H100)", ("cpu", 64, 80), "xl",
      ["mesh.data=1", "mesh.fsdp=16", "mesh.tensor=4", "model.dtype=bfloat16"], "batch 64, bf16"),
-    ("iGPT-XL", "8 (8×H100)", 8, 80, "xl",
+    ("iGPT-XL", "8×H100", ("cpu", 8, 80), "xl",
      ["mesh.data=1", "mesh.fsdp=8", "model.dtype=bfloat16"], "batch 64, bf16"),
 ]
 
 
 def plan_row(row) -> str:
-  model, devices_label, devices, hbm, config, overrides, settings = row
-  cmd = [sys.executable, "-m", "igpt_jax.plan", f"--config=configs/{config}.py",
-         f"--devices={devices}", f"--hbm_gib={hbm}", "--json"]
+  model, devices_label, target, config, overrides, settings = row
+  cmd = [sys.executable, "-m", "igpt_jax.plan", f"--config=configs/{config}.py", "--json"]
+  if isinstance(target, str):
+    cmd += [f"--topology={target}"]
+  else:
+    cmd += [f"--devices={target[1]}", f"--hbm_gib={target[2]}", "--costs=false"]
   cmd += [f"--config.{o}" for o in overrides]
-  out = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=900)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0")  # XLA's partitioner warnings
+  out = subprocess.run(cmd, cwd=_REPO, capture_output=True, text=True, timeout=3600, env=env)
   if out.returncode:
     return f"| {model} | {devices_label} | failed: {out.stderr.strip().splitlines()[-1]} |"
   p = json.loads(out.stdout.strip().splitlines()[-1])
   mesh = " × ".join(str(n) for n in p["mesh"].values())
   state = p["params_gib_per_device"] + p["optimizer_gib_per_device"]
-  return (f"| {model} | {devices_label} | {mesh} | {settings} | {state:.2f} GiB | "
-          f"{p['temp_gib_per_device']:.2f} GiB | {p['total_gib_per_device']:.2f} GiB | "
-          f"{'fits' if p['fits'] else 'does not fit'} | {p['compile_s']:.0f} s |")
+  verdict = (f"fits, {100 * p['hbm_headroom']:.0f}% free" if p["fits"] else "does not fit")
+  remat = "involuntary full rematerialization" in out.stderr.lower()
+  roofline = (f"{1e3 * p['roofline_step_s']:.0f} ms ({p['bound_by']}), MFU ≤ "
+              f"{100 * p['mfu_bound']:.0f}%" if "roofline_step_s" in p else "—")
+  return (f"| {model} | {devices_label} | {mesh} | {settings} | {p['compiler']} | "
+          f"{state:.2f} GiB | {p['temp_gib_per_device']:.2f} GiB | "
+          f"{p['total_gib_per_device']:.2f} GiB | {verdict} | {roofline} | "
+          f"{'yes' if remat else 'no'} | {p['compile_s']:.0f} s |")
 
 
 def main():
@@ -62,9 +86,10 @@ def main():
   parser.add_argument("--rows", default="", help="comma-separated row numbers; all if empty")
   args = parser.parse_args()
   rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
-  print("| model | devices | mesh (data × fsdp × tensor) | settings | params + Adam / device | "
-        "activations & temps / device | total | verdict | compile |")
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  print("| model | devices | mesh (data × fsdp × tensor) | settings | compiler | params + Adam "
+        "/ device | activations & temps / device | total | verdict (HBM) | roofline step, MFU "
+        "bound | involuntary remat | compile |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for row in rows:
     print(plan_row(row), flush=True)
 

@@ -12,7 +12,11 @@ q, k, v: [batch, length, heads, head_dim] in, [batch, length, heads, head_dim] o
              block's scores stay in cache; that, not the FLOPs, is what bounds attention on a CPU.
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`: the fused cuDNN kernel on
              NVIDIA GPUs (bfloat16/float16 compute).
-  auto       cudnn on a GPU with bfloat16 compute, blockwise elsewhere.
+  splash     the Pallas TPU splash-attention kernel (causal or full mask; blocks above the
+             diagonal skipped), run per device inside `shard_map` over the batch and head axes.
+             On other backends it runs in Pallas interpret mode (tests only: slow).
+  auto       by platform: splash on TPUs; cudnn on NVIDIA GPUs with bfloat16/float16 compute and
+             dense (XLA's fused path, not a loop) with float32; blockwise on CPUs.
 
 All agree to float rounding (tests/test_attention.py).
 """
@@ -25,24 +29,42 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
 _MASKED = -1e30  # finite, so a fully masked row would give a uniform softmax, never NaN.
 _GROUP = 2  # (batch x head) slices per mapped step of the blockwise kernel.
 
 
-def resolve(impl: str, dtype) -> str:
-  """The implementation `auto` stands for on the current backend."""
+def resolve(impl: str, dtype, platform: str | None = None, device_kind: str | None = None) -> str:
+  """The implementation `auto` stands for on `platform` ("cpu", "gpu", "tpu"; default: that of
+  the devices being traced for, see `current_platform`)."""
   if impl != "auto":
     return impl
-  if on_nvidia_gpu() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
+  if platform is None:
+    platform, device_kind = current_platform()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    nvidia = "nvidia" in (device_kind or "nvidia").lower()
+    if nvidia and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+      return "cudnn"
+    return "dense"
   return "blockwise"
 
 
+def current_platform() -> tuple[str, str]:
+  """(platform, device kind) of the mesh being traced under (`sharding.use`), else of the
+  default devices. A mesh of compile-only TPU devices (`igpt_jax.plan --topology` on a CPU host)
+  counts as TPU."""
+  mesh = _context_mesh()
+  device = getattr(mesh, "abstract_device", None) or jax.devices()[0]
+  return device.platform, device.device_kind
+
+
 def on_nvidia_gpu() -> bool:
-  device = jax.devices()[0]
-  return device.platform == "gpu" and "nvidia" in device.device_kind.lower()
+  platform, kind = current_platform()
+  return platform == "gpu" and "nvidia" in kind.lower()
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -58,6 +80,8 @@ def attention(q, k, v, *, causal: bool, impl: str = "dense", block: int = 128):
     return blockwise(q, k, v, causal=causal, block=block)
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+  if impl == "splash":
+    return splash(q, k, v, causal=causal)
   raise ValueError(f"attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")
 
 
@@ -203,3 +227,71 @@ def _blockwise_bwd(causal, block, residuals, d_out):
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# --- splash attention (Pallas, TPU) -----------------------------------------------------------
+
+SPLASH_BLOCK = 512  # query/key tile of the splash kernel (a multiple of 128 dividing the length)
+_LANES = 128  # TPU vector lanes: splash tiles are multiples of this; shorter lengths are padded
+
+
+def splash(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interpret: bool | None = None):
+  """The Pallas splash-attention kernel on each device's own (batch, heads) shard.
+
+  q, k, v: [batch, length, heads, head_dim] -> [batch, length, heads, head_dim]. The kernel
+  takes [heads, length, head_dim] per example and does not scale q, so q is scaled here. Under a
+  mesh it runs inside `shard_map` (batch and heads split like `act_batch` and `act_heads`; the
+  length whole on every device), as the blockwise kernel does. `interpret` (default: when the
+  devices are not TPUs) runs the same kernel in Pallas interpret mode, for tests on a CPU.
+  """
+  if interpret is None:
+    interpret = current_platform()[0] != "tpu"
+  kernel = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
+  mesh = _context_mesh()
+  if mesh is None or mesh.size == 1:
+    return kernel(q, k, v)
+  spec = _divisible_spec(nn.logical_to_mesh_axes(("act_batch", None, "act_heads", None)),
+                         q.shape, mesh)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def _splash_block(length: int, block: int) -> int:
+  """The largest multiple of 128 up to `block` that divides `length` (a multiple of 128)."""
+  return max(s for s in range(_LANES, max(block, _LANES) + 1, _LANES) if length % s == 0)
+
+
+def _splash_mask(length: int, padded: int, causal: bool, heads: int):
+  """The kernel's mask over `padded` positions, of which the first `length` are real: causal or
+  full over the real keys (padded keys are never attended; padded queries are dropped)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_mask as splash_mask)
+  if padded == length:
+    one = (splash_mask.CausalMask((length, length)) if causal
+           else splash_mask.FullMask((length, length)))
+  else:
+    rows, cols = np.indices((padded, padded))
+    one = splash_mask.NumpyMask((cols < length) & ((cols <= rows) if causal else True))
+  return splash_mask.MultiHeadMask([one] * heads)
+
+
+def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
+  # Imported here: Pallas' TPU ops load Mosaic, which only this implementation needs.
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as splash_kernel)
+  _, length, heads, head_dim = q.shape
+  padded = -(-length // _LANES) * _LANES  # 32x32, 48x48 and 64x64 images need no padding
+  tile = _splash_block(padded, block)
+  sizes = splash_kernel.BlockSizes(
+      block_q=tile, block_kv=tile, block_kv_compute=tile, block_q_dkv=tile, block_kv_dkv=tile,
+      block_kv_dkv_compute=tile, block_q_dq=tile, block_kv_dq=tile)
+  kernel = splash_kernel.make_splash_mha(
+      _splash_mask(length, padded, causal, heads), block_sizes=sizes, head_shards=1,
+      q_seq_shards=1, interpret=interpret)
+
+  def to_heads(x):  # [b, l, h, d] -> [b, h, padded l, d]
+    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - length), (0, 0)))
+
+  scale = jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+  out = jax.vmap(kernel)(to_heads(q * scale), to_heads(k), to_heads(v))
+  return out[:, :, :length].transpose(0, 2, 1, 3).astype(q.dtype)

@@ -15,6 +15,7 @@ from igpt_jax import errors
 
 OBJECTIVES = ("next_pixel", "masked_pixel")
 DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Parameters: FSDP shards `embed` over `fsdp`, Megatron-style
@@ -91,6 +92,11 @@ def base_config() -> ml_collections.ConfigDict:
   # length^2 tensor kept); "dense" is the plain reference; "cudnn" forces the GPU kernel.
   c.model.attention = "auto"
   c.model.attention_block = 128  # query block of the blockwise kernel.
+  # Precision of float32 matmuls: "default" lets the platform choose (TF32 on NVIDIA GPUs since
+  # Ampere, one bfloat16 pass on TPUs: fast, ~3 significant digits), "high" (3 bfloat16 passes
+  # on TPUs; TF32 on GPUs), "highest" (full float32 everywhere; slowest). bfloat16 compute
+  # (model.dtype) is not affected. The palette's k-means always uses "highest".
+  c.model.matmul_precision = "default"
 
   # Optimisation (paper: Adam b2 0.95, no weight decay, one-epoch warmup, cosine to 0).
   c.batch_size = 128  # global.
@@ -271,8 +277,10 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Checks every field before anything compiles. Raises ConfigError naming the field."""
+def validate(c: ml_collections.ConfigDict, num_devices: int, platform: str | None = None) -> None:
+  """Checks every field before anything compiles. Raises ConfigError naming the field.
+  `platform` ("cpu", "gpu", "tpu"): of the devices the run is for (default: the current ones).
+  """
   if not isinstance(c.dataset, str) or not c.dataset:
     _fail("dataset", c.dataset, "must be a tfds name, a local image folder, or 'digits'.")
   if c.objective not in OBJECTIVES:
@@ -294,10 +302,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
           "heads); change one of them.")
   if c.model.dtype not in DTYPES:
     _fail("model.dtype", c.model.dtype, f"must be one of {DTYPES}.")
+  if c.model.get("matmul_precision", "default") not in MATMUL_PRECISIONS:
+    _fail("model.matmul_precision", c.model.matmul_precision,
+          f"must be one of {MATMUL_PRECISIONS}.")
   from igpt_jax.model import REMAT_POLICIES  # pylint: disable=g-import-not-at-top
   if c.model.remat_policy not in REMAT_POLICIES:
     _fail("model.remat_policy", c.model.remat_policy, f"must be one of {REMAT_POLICIES}.")
-  _validate_attention(c)
+  _validate_attention(c, platform)
   if c.get("peak_tflops_per_device", 0.0) < 0:
     _fail("peak_tflops_per_device", c.peak_tflops_per_device, "must be >= 0 (0 = unknown).")
   if not 0.0 < c.mask_prob < 1.0:
@@ -362,17 +373,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
       _fail("logical_axis_rules", "...", f"has no rule for the logical axis {name!r}.")
 
 
-def _validate_attention(c) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from igpt_jax.attention import IMPLEMENTATIONS  # pylint: disable=g-import-not-at-top
+def _validate_attention(c, platform: str | None) -> None:
+  from igpt_jax import attention  # pylint: disable=g-import-not-at-top  # (attention -> jax)
   impl = c.model.get("attention", "auto")
-  if impl not in IMPLEMENTATIONS:
-    _fail("model.attention", impl, f"must be one of {IMPLEMENTATIONS}.")
+  if impl not in attention.IMPLEMENTATIONS:
+    _fail("model.attention", impl, f"must be one of {attention.IMPLEMENTATIONS}.")
+  current, kind = attention.current_platform()
+  platform = platform or current
+  if impl == "splash" and platform != "tpu":
+    _fail("model.attention", impl, f"is the TPU kernel (these devices are {platform}: it would "
+          "run in Pallas interpret mode, far too slowly to train); use 'auto'.")
   if impl == "cudnn":
-    from igpt_jax.attention import on_nvidia_gpu  # pylint: disable=g-import-not-at-top
-    if not on_nvidia_gpu():
-      _fail("model.attention", impl, f"needs an NVIDIA GPU (this one is "
-            f"{jax.devices()[0].device_kind!r}); use 'auto' or 'blockwise'.")
+    if platform != "gpu" or "nvidia" not in kind.lower():
+      _fail("model.attention", impl, f"needs an NVIDIA GPU (this one is {kind!r}); use 'auto' "
+            "or 'blockwise'.")
     if c.model.dtype != "bfloat16":
       _fail("model.attention", impl, "cuDNN's fused attention needs model.dtype='bfloat16'; "
             "set it, or use 'blockwise' for float32.")

@@ -22,12 +22,18 @@ def matmul_params(num_layers: int, width: int, mlp_ratio: int, vocab_size: int) 
   return num_layers * per_block + width * vocab_size
 
 
+def attention_train_flops_per_token(num_layers: int, width: int, seq_len: int,
+                                    causal: bool) -> float:
+  """The attention scores' and weighted values' share of `train_flops_per_token`."""
+  attention = 12.0 * num_layers * seq_len * width
+  return attention / 2 if causal else attention
+
+
 def train_flops_per_token(num_layers: int, width: int, mlp_ratio: int, vocab_size: int,
                           seq_len: int, causal: bool) -> float:
   """Model FLOPs of one training step, per token (see the module docstring)."""
   dense = 6.0 * matmul_params(num_layers, width, mlp_ratio, vocab_size)
-  attention = 12.0 * num_layers * seq_len * width
-  return dense + (attention / 2 if causal else attention)
+  return dense + attention_train_flops_per_token(num_layers, width, seq_len, causal)
 
 
 def train_flops_per_token_of(model_cfg) -> float:

@@ -46,6 +46,9 @@ class ModelConfig:
   remat_policy: str = "none"
   attention: str = "auto"  # igpt_jax.attention.IMPLEMENTATIONS; all exact.
   attention_block: int = 128  # query block of the blockwise attention kernel.
+  # Layers unrolled per iteration of the layer scan (1: a loop; num_layers: straight-line code,
+  # which `igpt_jax.plan` compiles so that XLA's cost analysis counts every layer).
+  scan_unroll: int = 1
   # Autoregressive decoding, one position per call, with a key/value cache in the `cache`
   # collection (see `IGPT`). Parameters are the same as without it.
   decode: bool = False
@@ -319,6 +322,7 @@ class IGPT(nn.Module):
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         length=cfg.num_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
     h, pooled = blocks(cfg, pool, name="blocks")(h, None)

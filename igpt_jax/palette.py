@@ -127,7 +127,8 @@ def dequantize(tokens, centers, image_size: int, channels: int = 3):
   rgb = jnp.rint(127.5 * (centers[tokens] + 1.0))
   rgb = einops.rearrange(rgb, "... (h w) c -> ... h w c", h=image_size)
   if channels == 1:
-    rgb = jnp.rint(rgb @ jnp.array([0.299, 0.587, 0.114]))[..., None]
+    luma = jnp.matmul(rgb, jnp.array([0.299, 0.587, 0.114]), precision=jax.lax.Precision.HIGHEST)
+    rgb = jnp.rint(luma)[..., None]
   return jnp.clip(rgb, 0, 255).astype(jnp.uint8)
 
 
@@ -153,8 +154,11 @@ def _kmeans_pp_init(key, x, k):
 
 
 def _assign(x, centers):
-  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the |x|^2 term does not change the argmin.
-  d = -2.0 * x @ centers.T + jnp.sum(jnp.square(centers), axis=-1)
+  # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the |x|^2 term does not change the argmin. Full float32
+  # whatever the platform's default (TF32 on GPUs, bfloat16 passes on TPUs) or the run's
+  # model.matmul_precision: the palette must not depend on where it was fitted.
+  xc = jnp.matmul(x, centers.T, precision=jax.lax.Precision.HIGHEST)
+  d = -2.0 * xc + jnp.sum(jnp.square(centers), axis=-1)
   return jnp.argmin(d, axis=-1)
 
 

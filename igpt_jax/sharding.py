@@ -34,9 +34,12 @@ def rules(config):
 
 @contextlib.contextmanager
 def use(mesh, config):
-  """The mesh and logical rules in force while tracing sharded model code."""
+  """The mesh, logical rules and matmul precision (`config.model.matmul_precision`) in force
+  while tracing model code: every step, forward and sampler is traced under it."""
   set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
-  with set_mesh(mesh), nn.logical_axis_rules(rules(config)):
+  precision = config.model.get("matmul_precision", "default")
+  with set_mesh(mesh), nn.logical_axis_rules(rules(config)), \
+      jax.default_matmul_precision(precision):
     yield
 
 

@@ -252,7 +252,8 @@ def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]
   seq_len = c.image_size**2
   log(f"iGPT: {c.model.num_layers} layers x {c.model.width} width, {c.model.num_heads} heads, "
       f"{trainer.num_params:,} parameters; {c.objective} on {c.dataset} at {c.image_size}x"
-      f"{c.image_size} ({seq_len} tokens), palette {c.palette_size}; mesh "
+      f"{c.image_size} ({seq_len} tokens), palette {c.palette_size}; compute {c.model.dtype} "
+      f"(matmul precision {c.model.get('matmul_precision', 'default')}); mesh "
       f"{dict(trainer.run.mesh.shape)}; {jax.process_count()} process(es), "
       f"{jax.device_count()} device(s); warmup {trainer.warmup} steps.")
   sizes = trainer.run.source.split_sizes

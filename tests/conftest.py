@@ -8,6 +8,8 @@ skipped, unless $IGPT_REQUIRE_DATA=1 (set by .ci/run), where they fail.
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import json
 import os
 import pathlib
@@ -16,6 +18,32 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _libtpu_without_a_tpu() -> bool:
+  """libtpu is installed (the [tpu] extra: the TPU compiler for the compile-only tests) on a
+  machine with no TPU chips."""
+  return (importlib.util.find_spec("libtpu") is not None
+          and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"))
+
+
+# With libtpu installed, jax would try to open a TPU first in every test process; on a machine
+# without one that is only noise and delay. Set before any test imports jax; subprocesses inherit.
+if "JAX_PLATFORMS" not in os.environ and _libtpu_without_a_tpu():
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  # Compile-only TPU devices in this process and in a planner subprocess at once: libtpu's
+  # one-process lock guards real chips, of which there are none.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def requires_tpu_compiler():
+  """Skips a test that needs libtpu's compiler when it is not installed; with
+  $IGPT_REQUIRE_TPU_COMPILER=1 (set by .ci/run) it fails instead."""
+  if importlib.util.find_spec("libtpu") is None:
+    msg = 'libtpu is not installed (pip install -e ".[tpu]"): no TPU compiler to compile for.'
+    if os.environ.get("IGPT_REQUIRE_TPU_COMPILER") == "1":
+      pytest.fail(msg)
+    pytest.skip(msg)
 
 
 def cache_dir() -> str:

@@ -105,8 +105,38 @@ def test_cudnn_matches_plain_path(causal):
 def test_auto_resolves_by_backend():
   expected = "cudnn" if attention.on_nvidia_gpu() else "blockwise"
   assert attention.resolve("auto", jnp.bfloat16) == expected
-  assert attention.resolve("auto", jnp.float32) == "blockwise"
+  assert attention.resolve("auto", jnp.float32) == ("dense" if expected == "cudnn" else expected)
   assert attention.resolve("dense", jnp.bfloat16) == "dense"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_auto_never_resolves_to_the_cpu_loop_on_an_accelerator(dtype):
+  """`blockwise` (a loop tuned for a CPU's cache) is the CPU's choice only."""
+  resolved = {(p, kind): attention.resolve("auto", dtype, platform=p, device_kind=kind)
+              for p, kind in (("tpu", "TPU v5 lite"), ("tpu", "TPU v4"), ("gpu", "NVIDIA H100"),
+                              ("gpu", "NVIDIA H200"), ("gpu", "AMD Instinct MI300X"),
+                              ("cpu", "cpu"))}
+  assert resolved[("tpu", "TPU v5 lite")] == resolved[("tpu", "TPU v4")] == "splash"
+  assert resolved[("gpu", "NVIDIA H100")] == ("cudnn" if dtype == jnp.bfloat16 else "dense")
+  assert resolved[("gpu", "AMD Instinct MI300X")] == "dense"
+  assert resolved[("cpu", "cpu")] == "blockwise"
+  assert [k for k, v in resolved.items() if v == "blockwise"] == [("cpu", "cpu")]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("batch, length, heads, head_dim", [
+    (2, 256, 2, 64),  # two 128-wide tiles
+    (1, 144, 3, 16),  # 12x12 image: not a multiple of 128, one whole-length tile
+])
+def test_splash_matches_dense(batch, length, heads, head_dim, causal):
+  """The TPU splash kernel, run in Pallas interpret mode on the CPU: outputs and q/k/v
+  gradients equal the dense reference to float32 rounding."""
+  q, k, v, ct = qkv_and_cotangent((batch, length, heads, head_dim))
+  out_d, grads_d = value_and_grads("dense", q, k, v, ct, causal=causal)
+  out_s, grads_s = value_and_grads("splash", q, k, v, ct, causal=causal)
+  np.testing.assert_allclose(out_s, out_d, atol=2e-5, rtol=1e-5)
+  for gs, gd in zip(grads_s, grads_d):
+    np.testing.assert_allclose(gs, gd, atol=5e-5, rtol=1e-4)
 
 
 def test_model_output_is_the_same_with_every_cpu_kernel():
@@ -146,7 +176,7 @@ def test_mlp_backward_matches_autodiff(dtype, tol):
 
 
 SHARDED_SCRIPT = r"""
-import json, jax, jax.numpy as jnp, numpy as np
+import json, sys, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import tiny_config
 from igpt_jax import attention, sharding
@@ -154,6 +184,7 @@ config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
 mesh = sharding.make_mesh(config)
 keys = jax.random.split(jax.random.PRNGKey(0), 4)
 q, k, v, ct = [2.0 * jax.random.normal(key, (4, 128, 4, 16)) for key in keys]
+impl = sys.argv[1]
 spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
 q, k, v, ct = [jax.device_put(x, spec) for x in (q, k, v, ct)]
 errs = {}
@@ -163,11 +194,11 @@ for causal in (True, False):
                                                     block=32) * ct)
     with sharding.use(mesh, config):
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-  (_, gd), (_, gb) = grads("dense"), grads("blockwise")
+  (_, gd), (_, gb) = grads("dense"), grads(impl)
   # Max abs error over the max magnitude: of the outputs, then of each gradient.
   with sharding.use(mesh, config):
     od, ob = [jax.jit(lambda q, k, v, impl=impl: attention.attention(
-        q, k, v, causal=causal, impl=impl, block=32))(q, k, v) for impl in ("dense", "blockwise")]
+        q, k, v, causal=causal, impl=impl, block=32))(q, k, v) for impl in ("dense", impl)]
   errs[str(causal)] = [float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
                        for a, b in zip((od, *gd), (ob, *gb))]
   errs[str(causal) + "_sharding"] = str(gb[0].sharding.spec)
@@ -175,11 +206,12 @@ print("ERRS", json.dumps(errs))
 """
 
 
-def test_blockwise_under_a_data_fsdp_tensor_mesh():
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_kernels_under_a_data_fsdp_tensor_mesh(impl):
   """8 fake devices, batch over data x fsdp and heads over tensor: shard_map path == dense."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=str(REPO / "tests"))
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=REPO, env=env,
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, impl], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   errs = json.loads(out.stdout.split("ERRS", 1)[1])

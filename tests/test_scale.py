@@ -55,7 +55,7 @@ out = {}
 for name, mesh in {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2)}.items():
   c = tiny_config(**{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
                      "model.remat_policy": "full"})
-  out[name] = plan.plan(c, hbm_gib=1.0)
+  out[name] = plan.plan(c, hbm_gib=1.0, layer_costs=False)
 print("PLAN" + json.dumps(out))
 """
 
@@ -90,7 +90,8 @@ def test_plan_cli(tmp_path):
                         "--hbm_gib=0.001"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "800,000 parameters on 4 devices (data 1 x fsdp 4 x tensor 1)" in out.stdout
+  assert "800,000 parameters on 4 x cpu (data 1 x fsdp 4 x tensor 1)" in out.stdout
+  assert "figures from XLA:CPU" in out.stdout and "attention blockwise" in out.stdout
   assert "DOES NOT FIT in 0.001 GiB" in out.stdout
   assert "restore peak 0.00 GiB per device (one train state" in out.stdout
   as_json = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
@@ -101,6 +102,10 @@ def test_plan_cli(tmp_path):
   p = json.loads(as_json.stdout.strip().splitlines()[-1])
   assert p["parameters"] == 800_000 and p["fits"] is False and p["hbm_gib"] == 0.001
   assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  # FLOPs from 1- and 2-layer unrolled compiles, scaled to the 4 layers: the model's count
+  # (flops.py) within what remat-free overheads add; no roofline for a CPU (no chip row).
+  assert 0.9 < p["compiler_tflop_per_device"] / p["model_tflop_per_device"] < 1.5
+  assert p["hbm_gb_per_device"] > 0 and "roofline_step_s" not in p
   bad = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
                         "--devices=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "batch_size=64" in bad.stderr and "Traceback" not in bad.stderr
@@ -176,6 +181,62 @@ def test_tpu_pod_dry_run():
 def test_tpu_pod_fails_clearly(args, message):
   out = sh(["launch/tpu_pod.sh"] + args, TPU_NAME="", TPU_ZONE="")
   assert out.returncode == 2 and message in out.stderr
+
+
+@pytest.mark.parametrize("tpu, topology, hosts, chips_per_host, accelerator", [
+    ("v5e", "16x16", 64, 4, "tpu-v5-lite-podslice"),  # v5e-256
+    ("v4", "4x4x4", 16, 4, "tpu-v4-podslice"),  # v4-128 (64 chips)
+    ("v5e", "2x4", 1, 8, "tpu-v5-lite-podslice"),  # one 8-chip host
+])
+def test_gke_jobset_renders(tpu, topology, hosts, chips_per_host, accelerator):
+  """The GKE launcher's manifest: one pod per TPU host asking for all its chips, on the slice's
+  node pool, running the command unchanged (quoting survives YAML and bash -c)."""
+  import yaml  # pylint: disable=g-import-not-at-top
+  command = ["python", "-m", "igpt_jax.main", "--config=configs/l.py",
+             "--workdir=gs://bucket/igpt l", "--config.mesh.fsdp=128", "it's \"quoted\""]
+  out = sh(["launch/gke_tpu.sh", "--name", "igpt-l", "--tpu", tpu, "--topology", topology,
+            "--image", "us-docker.pkg.dev/p/r/igpt:1", "--spot", "--env", "WANDB_MODE=off line",
+            "--max-restarts", "5", "--dry-run", "--"] + command)
+  assert out.returncode == 0, out.stderr
+  jobset = yaml.safe_load(out.stdout)
+  assert jobset["kind"] == "JobSet" and jobset["metadata"]["name"] == "igpt-l"
+  assert jobset["spec"]["failurePolicy"]["maxRestarts"] == 5
+  assert jobset["spec"]["network"]["enableDNSHostnames"] is True
+  job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
+  assert job["parallelism"] == job["completions"] == hosts
+  assert job["completionMode"] == "Indexed"
+  pod = job["template"]["spec"]
+  assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": accelerator,
+                                 "cloud.google.com/gke-tpu-topology": topology,
+                                 "cloud.google.com/gke-spot": "true"}
+  container = pod["containers"][0]
+  assert container["image"] == "us-docker.pkg.dev/p/r/igpt:1"
+  assert container["resources"]["limits"]["google.com/tpu"] == chips_per_host
+  env = {e["name"]: e["value"] for e in container["env"]}
+  assert env == {"IGPT_DISTRIBUTED_AUTO": "1", "WANDB_MODE": "off line"}
+  # What the pod's bash runs, with `exec` swapped for printing each argument on its own line.
+  script = container["args"][0].replace("exec ", "printf '%s\\n' ", 1)
+  assert container["command"] == ["bash", "-c"] and "IGPT_DISTRIBUTED_AUTO=1" in script
+  printed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+  assert printed.stdout.splitlines() == command
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tpu", "v5e", "--topology", "16x16", "--image", "i", "--", "x"], "no job name"),
+    (["--name", "Big", "--tpu", "v5e", "--topology", "16x16", "--image", "i", "--", "x"],
+     "lower case"),
+    (["--name", "n", "--tpu", "v3", "--topology", "4x4", "--image", "i", "--", "x"],
+     "use v4, v5e, v5p or v6e"),
+    (["--name", "n", "--tpu", "v4", "--topology", "16x16", "--image", "i", "--", "x"],
+     "has 3 dimensions"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "16x16", "--", "x"], "no image"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "16x16", "--image", "i"], "no command"),
+])
+def test_gke_launcher_fails_clearly(args, message):
+  out = sh(["launch/gke_tpu.sh"] + args, IGPT_JOB_NAME="", IGPT_TPU="", IGPT_TOPOLOGY="",
+           IGPT_IMAGE="")
+  assert out.returncode == 2 and message in out.stderr, out.stderr
+  assert "Usage: launch/gke_tpu.sh" in sh(["launch/gke_tpu.sh", "--help"]).stdout
 
 
 def test_slurm_dry_run_and_missing_variables():

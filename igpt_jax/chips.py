@@ -1,0 +1,72 @@
+"""Accelerator chips' peak figures, and the roofline bound they put on a step.
+
+One row per chip: peak dense bfloat16 FLOP/s, HBM bandwidth and HBM capacity, per chip (the unit
+a TPU topology name counts, and what JAX shows as one device: v4 and v5p chips' two TensorCores
+act as one "megacore" device). Sources, the vendors' spec pages:
+
+  v4    cloud.google.com/tpu/docs/v4      275 TFLOP/s bf16, 1,228 GB/s (1.2 TB/s), 32 GiB
+  v5e   cloud.google.com/tpu/docs/v5e     197 TFLOP/s bf16,   819 GB/s, 16 GiB
+  v5p   cloud.google.com/tpu/docs/v5p     459 TFLOP/s bf16, 2,765 GB/s, 95 GiB
+  v6e   cloud.google.com/tpu/docs/v6e     918 TFLOP/s bf16, 1,640 GB/s, 32 GiB
+  H100  nvidia.com/en-us/data-center/h100 (SXM)  989 TFLOP/s dense bf16, 3.35 TB/s, 80 GB
+  H200  nvidia.com/en-us/data-center/h200 (SXM)  989 TFLOP/s dense bf16, 4.8 TB/s, 141 GB
+
+The roofline: a step takes at least max(FLOPs / peak FLOP/s, bytes / HBM bandwidth), so model
+FLOPs utilisation is at most (FLOPs / peak) / that time. It ignores collectives (ICI/NVLink) and
+overlap, so it is an upper bound, not a prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  peak_bf16_flops: float  # FLOP/s, dense
+  hbm_bytes_per_s: float
+  hbm_gib: float
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 1228e9, 32),
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16),
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 3350e9, 80),
+    "h200": Chip("NVIDIA H200 SXM", 989e12, 4800e9, 141),
+}
+
+# JAX's `device_kind` strings -> rows above.
+_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p",
+          "tpu v5": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e", "nvidia h100": "h100",
+          "nvidia h200": "h200"}
+
+
+def for_device_kind(kind: str) -> Chip | None:
+  """The row of a JAX `device_kind` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...), or None."""
+  kind = kind.lower()
+  for prefix in sorted(_KINDS, key=len, reverse=True):  # "tpu v5 lite" before "tpu v5"
+    if kind.startswith(prefix):
+      return CHIPS[_KINDS[prefix]]
+  return None
+
+
+def for_topology(name: str) -> Chip | None:
+  """The row of a TPU topology name such as "v5e:16x16" or "v4:8x8x4"."""
+  return CHIPS.get(name.split(":")[0].lower())
+
+
+def roofline(model_flops: float, flops: float, hbm_bytes: float, chip: Chip) -> dict:
+  """Lower bound on a step's time per device, from the FLOPs it executes (`flops`: the
+  compiler's count, remat recomputation included) and its HBM traffic, and the bound on model
+  FLOPs utilisation (`model_flops` over peak, in that time) it implies."""
+  compute_s = flops / chip.peak_bf16_flops
+  memory_s = hbm_bytes / chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return {"compute_bound_s": compute_s, "memory_bound_s": memory_s, "roofline_step_s": step_s,
+          "bound_by": "compute" if compute_s >= memory_s else "memory",
+          "mfu_bound": model_flops / chip.peak_bf16_flops / step_s if step_s > 0 else 0.0}

@@ -1,0 +1,110 @@
+"""What runs on TPU pods, compiled by the real XLA:TPU compiler without a TPU.
+
+libtpu (the [tpu] extra) gives compile-only TPU devices for a topology name on this CPU host;
+`jit(...).lower(...).compile()` then runs the TPU compiler, Pallas/Mosaic kernels included.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import REPO, requires_tpu_compiler, tiny_config
+from igpt_jax import attention
+from igpt_jax import chips
+from igpt_jax import sharding
+
+GIB = 1024**3
+
+
+def tpu_devices(name: str):
+  requires_tpu_compiler()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_attention_compiles_for_a_tpu_slice(causal):
+  """`auto` resolves to the splash kernel under a mesh of TPU chips, and its forward and both
+  backward kernels (dq, dkv) compile with Mosaic inside shard_map (batch over data, heads over
+  tensor), at iGPT-S's head size and a 32x32 image's length."""
+  devices = tpu_devices("v5e:2x2")
+  config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 1, "mesh.tensor": 2})
+  mesh = sharding.make_mesh(config, devices)
+  spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+  shape = jax.ShapeDtypeStruct((4, 1024, 8, 64), jnp.bfloat16, sharding=spec)
+
+  def loss(q, k, v):
+    out = attention.attention(q, k, v, causal=causal, impl="auto")
+    return jnp.sum(out.astype(jnp.float32))
+
+  with sharding.use(mesh, config):
+    assert attention.resolve("auto", jnp.bfloat16) == "splash"
+    assert attention.resolve("auto", jnp.float32) == "splash"
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(shape, shape, shape).compile()
+  text = compiled.as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') >= 3, "forward, dq and dkv kernels"
+  mem = compiled.memory_analysis()
+  assert 0 < mem.argument_size_in_bytes < chips.CHIPS["v5e"].hbm_gib * GIB
+
+
+def test_plan_compiles_the_igpt_s_train_step_for_a_v5e_slice():
+  """`python -m igpt_jax.plan --topology=v5e:2x2`: the real iGPT-S train step (bfloat16, batch
+  8) compiled by the TPU compiler, with its memory figures, FLOPs and roofline."""
+  requires_tpu_compiler()
+  out = subprocess.run(
+      [sys.executable, "-m", "igpt_jax.plan", "--config=configs/s.py", "--topology=v5e:2x2",
+       "--config.batch_size=8", "--config.model.dtype=bfloat16", "--config.mesh.data=1",
+       "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--json"],
+      cwd=REPO, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))  # XLA's warnings, which it checks
+  assert out.returncode == 0, out.stderr[-3000:]
+  p = json.loads(out.stdout.strip().splitlines()[-1])
+  assert p["compiler"] == "XLA:TPU" and p["device_kind"] == "TPU v5 lite"
+  assert p["devices"] == 4 and p["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert p["attention"] == "splash"
+  assert 76e6 < p["parameters"] < 77e6  # iGPT-S
+  hbm = chips.CHIPS["v5e"].hbm_gib
+  assert p["hbm_gib"] == hbm
+  for key in ("params_gib_per_device", "optimizer_gib_per_device", "temp_gib_per_device",
+              "eval_total_gib_per_device"):
+    assert 0 < p[key] < hbm, key
+  # Parameters and Adam's two moments, float32, split over fsdp x tensor = 4.
+  assert p["params_gib_per_device"] == pytest.approx(p["parameters"] * 4 / 4 / GIB, rel=0.05)
+  assert p["optimizer_gib_per_device"] == pytest.approx(2 * p["params_gib_per_device"], rel=0.05)
+  assert p["total_gib_per_device"] < hbm and p["fits"]
+  # The layer-loop-corrected compiler FLOPs are the model's, within remat-free overheads
+  # (softmax, norms, the loss); a count of one layer instead of 24 would be ~20x too low.
+  assert 0.9 < p["compiler_tflop_per_device"] / p["model_tflop_per_device"] < 1.3
+  assert p["hbm_gb_per_device"] > 0
+  assert 0 < p["mfu_bound"] <= 1 and p["roofline_step_s"] > 0
+  assert "involuntary full rematerialization" not in out.stderr.lower()
+
+
+def test_plan_refuses_an_unknown_topology():
+  requires_tpu_compiler()
+  out = subprocess.run(
+      [sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
+       "--topology=v9z:3x3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--topology=v9z:3x3" in errors[0] and "v5e:16x16" in errors[0]
+  assert "Traceback" not in out.stderr
+
+
+def test_chip_rows_match_jax_device_kinds():
+  assert chips.for_device_kind("TPU v5 lite").name == "TPU v5e"
+  assert chips.for_device_kind("TPU v5").name == "TPU v5p"
+  assert chips.for_device_kind("TPU v4").name == "TPU v4"
+  assert chips.for_device_kind("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
+  assert chips.for_device_kind("cpu") is None
+  assert chips.for_topology("v5p:4x4x8").hbm_gib == 95
+  r = chips.roofline(1e12, 2e12, 1e9, chips.CHIPS["v5e"])
+  assert r["bound_by"] == "compute" and r["mfu_bound"] == pytest.approx(0.5)
+  r = chips.roofline(1e12, 1e12, 819e9, chips.CHIPS["v5e"])  # 1 s of HBM vs 5 ms of math
+  assert r["bound_by"] == "memory" and r["roofline_step_s"] == pytest.approx(1.0)

@@ -27,16 +27,18 @@ ROWS = [
     ("iGPT-L", "v5e-256", "v5e:16x16", "l",
      ["mesh.data=1", "mesh.fsdp=128", "mesh.tensor=2", "model.dtype=bfloat16"],
      "batch 128, `dots_saveable`, bf16"),
-    ("iGPT-L", "v4-128 (64 chips, 32 GiB)", "v4:4x4x4", "l",
-     ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
-    ("iGPT-L", "v4-512 (256 chips)", "v4:8x8x4", "l",
-     ["mesh.data=2", "mesh.fsdp=64", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    # libtpu's compile-only v4 topologies show each TensorCore as a device (16 GiB each), so a
+    # v4 slice has twice as many devices as chips; v5p chips are one (megacore) device each.
+    ("iGPT-L", "v4-128 (64 chips = 128 cores, 16 GiB each)", "v4:4x4x4", "l",
+     ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+    ("iGPT-L", "v4-512 (256 chips = 512 cores)", "v4:8x8x4", "l",
+     ["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
     ("iGPT-L", "v5p-128 (64 chips, 95 GiB)", "v5p:4x4x4", "l",
-     ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=2"], "batch 128, `dots_saveable`, f32"),
+     ["mesh.data=1", "mesh.fsdp=16", "mesh.tensor=4"], "batch 128, `dots_saveable`, f32"),
     ("iGPT-XL 6.8B, 64²", "v5p-256 (128 chips)", "v5p:4x4x8", "xl",
      ["mesh.data=1", "mesh.fsdp=32", "mesh.tensor=4"], "batch 64, `full`, f32"),
-    ("iGPT-XL", "v4-512 (256 chips)", "v4:8x8x4", "xl",
-     ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=4"], "batch 64, `full`, f32"),
+    ("iGPT-XL", "v4-512 (256 chips = 512 cores)", "v4:8x8x4", "xl",
+     ["mesh.data=1", "mesh.fsdp=-1", "mesh.tensor=4"], "batch 64, `full`, f32"),
     ("iGPT-XL", "v5e-256", "v5e:16x16", "xl",
      ["mesh.data=1", "mesh.fsdp=64", "mesh.tensor=4", "model.dtype=bfloat16"],
      "batch 64, `full`, bf16"),
@@ -74,7 +76,9 @@ def plan_row(row) -> str:
   verdict = (f"fits, {100 * p['hbm_headroom']:.0f}% free" if p["fits"] else "does not fit")
   remat = "involuntary full rematerialization" in out.stderr.lower()
   roofline = (f"{1e3 * p['roofline_step_s']:.0f} ms ({p['bound_by']}), MFU ≤ "
-              f"{100 * p['mfu_bound']:.0f}%" if "roofline_step_s" in p else "—")
+              f"{100 * p['mfu_bound']:.0f}%; compiler/model FLOPs "
+              f"{p['compiler_tflop_per_device'] / p['model_tflop_per_device']:.2f}"
+              if "roofline_step_s" in p else "—")
   return (f"| {model} | {devices_label} | {mesh} | {settings} | {p['compiler']} | "
           f"{state:.2f} GiB | {p['temp_gib_per_device']:.2f} GiB | "
           f"{p['total_gib_per_device']:.2f} GiB | {verdict} | {roofline} | "
@@ -88,7 +92,7 @@ def main():
   rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
   print("| model | devices | mesh (data × fsdp × tensor) | settings | compiler | params + Adam "
         "/ device | activations & temps / device | total | verdict (HBM) | roofline step, MFU "
-        "bound | involuntary remat | compile |")
+        "bound, compiler/model FLOPs | involuntary remat | compile |")
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   for row in rows:
     print(plan_row(row), flush=True)

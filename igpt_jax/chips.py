@@ -55,6 +55,18 @@ def for_device_kind(kind: str) -> Chip | None:
   return None
 
 
+def for_device(device) -> Chip | None:
+  """The row of a JAX device. A v4 or v5p chip has two TensorCores; where JAX shows each core
+  as its own device (`num_cores` 1: libtpu's compile-only v4 topologies do), the device is half
+  a chip: half its FLOP/s, bandwidth and HBM."""
+  chip = for_device_kind(device.device_kind)
+  if chip is not None and chip.name in ("TPU v4", "TPU v5p") and getattr(
+      device, "num_cores", 2) == 1:
+    chip = Chip(f"{chip.name} (one TensorCore)", chip.peak_bf16_flops / 2,
+                chip.hbm_bytes_per_s / 2, chip.hbm_gib / 2)
+  return chip
+
+
 def for_topology(name: str) -> Chip | None:
   """The row of a TPU topology name such as "v5e:16x16" or "v4:8x8x4"."""
   return CHIPS.get(name.split(":")[0].lower())

@@ -170,7 +170,8 @@ def eval_config() -> ml_collections.ConfigDict:
   e.probe_sgd_epochs = 30
   e.raw_pixel_baseline = True
   # Low-data probes: N labelled training examples per class, several seeds, at one layer.
-  e.low_data_per_class = (4, 10, 25, 100)
+  e.low_data_per_class = (4, 10, 25, 100, 400)  # sizes a class cannot supply are skipped.
+  e.low_data_folds = 5  # L2 by k-fold cross-validation inside each labelled subset.
   e.low_data_seeds = 3
   e.low_data_layer = -1  # -1 = the best layer of linear_probe.json (else the middle layer).
   # Fine-tuning: generative + classification loss, zero-initialised head on the pooled final
@@ -412,13 +413,17 @@ def _validate_eval(c) -> None:
   l2 = tuple(e.probe_l2) if isinstance(e.probe_l2, (tuple, list)) else ()
   if not l2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in l2):
     _fail("eval.probe_l2", e.probe_l2, "must be a non-empty tuple of L2 strengths >= 0.")
-  for field in ("probe_max_iters", "probe_sgd_epochs", "low_data_seeds", "finetune_steps",
+  for field in ("probe_max_iters", "probe_sgd_epochs", "low_data_seeds", "low_data_folds",
+                "finetune_steps",
                 "finetune_eval_every_steps"):
     _positive_int(c, f"eval.{field}")
   per_class = e.low_data_per_class
   if not isinstance(per_class, (tuple, list)) or not per_class or any(
       isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in per_class):
     _fail("eval.low_data_per_class", per_class, "must be a tuple of positive integers.")
+  if e.low_data_folds < 2:
+    _fail("eval.low_data_folds", e.low_data_folds, "must be at least 2 (one fold held out, "
+          "the rest fitted).")
   for field in ("batch_size", "finetune_batch_size"):
     v = e[field]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -121,7 +121,7 @@ class Evaluator:
     return probe.fit_and_select(train_xy, val_xy, test_xy, num_classes=self.num_classes,
                                 l2_grid=tuple(e.probe_l2), solver=e.probe_solver,
                                 max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs,
-                                seed=self.config.seed)
+                                seed=self.config.seed, log=log)
 
   def linear_probe(self) -> dict:
     c = self.config
@@ -132,21 +132,23 @@ class Evaluator:
     for j, layer in enumerate(self.layers):
       t0 = time.time()
       r = self._fit((tr[0][:, j], tr[1]), (va[0][:, j], va[1]), (te[0][:, j], te[1]))
-      result["layers"][str(layer)] = {"val_acc": r.val_acc, "test_acc": r.test_acc,
-                                      "l2": r.l2}
+      result["layers"][str(layer)] = r.record()
       log(f"  probe layer {layer}: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g}, "
+          f"{r.fit.iterations} iterations{'' if r.fit.converged else ', NOT converged'}, "
           f"{time.time() - t0:.1f}s)")
     best = max(self.layers, key=lambda l: result["layers"][str(l)]["val_acc"])
     result["best_layer"] = best
     result["val_acc"] = result["layers"][str(best)]["val_acc"]
     result["test_acc"] = result["layers"][str(best)]["test_acc"]
+    result["converged"] = all(v["converged"] for v in result["layers"].values())
     if c.eval.raw_pixel_baseline:
       src = self.run.source
       raw = [features_lib.raw_pixels(c, src, s) for s in ("train", "validation", "test")]
       r = self._fit(*raw)
       result.update(raw_pixel_val_acc=r.val_acc, raw_pixel_test_acc=r.test_acc,
-                    raw_pixel_l2=r.l2)
-      log(f"  raw-pixel baseline: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g})")
+                    raw_pixel_l2=r.l2, raw_pixel=r.record())
+      log(f"  raw-pixel baseline: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g}, "
+          f"{r.fit.iterations} iterations{'' if r.fit.converged else ', NOT converged'})")
     write_json(os.path.join(self.out_dir, "linear_probe.json"), result)
     if jax.process_index() == 0:
       plot_probe(os.path.join(self.out_dir, "linear_probe.png"), result)
@@ -157,33 +159,46 @@ class Evaluator:
 
   def low_data(self) -> dict:
     e = self.config.eval
-    layer = e.low_data_layer
+    layer, layer_source = e.low_data_layer, "config.eval.low_data_layer"
     if layer < 0:
       path = os.path.join(self.out_dir, "linear_probe.json")
       if os.path.exists(path):
         with open(path) as f:
-          layer = json.load(f)["best_layer"]
+          layer, layer_source = json.load(f)["best_layer"], "best layer of linear_probe.json"
       else:
         layer = self.config.model.num_layers // 2
+        layer_source = "middle layer (no linear_probe.json to take the best layer from)"
     if layer not in self.layers:
       raise ValueError(f"config.eval.low_data_layer={layer} is not among the extracted layers "
                        f"{self.layers}; add it to config.eval.layers.")
     j = self.layers.index(layer)
-    tr, va, te = (self.features(s) for s in ("train", "validation", "test"))
+    tr, te = self.features("train"), self.features("test")
     result = {"dataset": self.config.dataset, "checkpoint_step": self.step, "layer": layer,
-              "per_class": {}}
+              "layer_source": layer_source, "l2_selection": f"{e.low_data_folds}-fold "
+              "cross-validation inside the labelled subset (no other labels are used)",
+              "per_class": {}, "skipped": {}}
+    fewest = int(np.bincount(tr[1], minlength=self.num_classes).min())
     for n in e.low_data_per_class:
-      accs = []
+      if n > fewest:
+        result["skipped"][str(n)] = f"the smallest class has {fewest} training examples"
+        log(f"  low-data probe, {n}/class: skipped (the smallest class has {fewest})")
+        continue
+      runs = []
       for seed in range(e.low_data_seeds):
         idx = probe.per_class_subset(tr[1], n, self.num_classes, seed)
-        r = self._fit((tr[0][idx, j], tr[1][idx]), (va[0][:, j], va[1]),
-                      (te[0][:, j], te[1]))
-        accs.append(r.test_acc)
+        runs.append(probe.fit_low_data(
+            (tr[0][idx, j], tr[1][idx]), (te[0][:, j], te[1]), num_classes=self.num_classes,
+            l2_grid=tuple(e.probe_l2), folds=e.low_data_folds, solver=e.probe_solver,
+            max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs, seed=seed))
+      accs = [r["test_acc"] for r in runs]
       result["per_class"][str(n)] = {"labels": n * self.num_classes,
                                      "test_acc_mean": float(np.mean(accs)),
-                                     "test_acc_std": float(np.std(accs)), "test_accs": accs}
+                                     "test_acc_std": float(np.std(accs)), "test_accs": accs,
+                                     "l2": [r["l2"] for r in runs],
+                                     "converged": all(r["converged"] for r in runs)}
       log(f"  low-data probe, {n}/class ({n * self.num_classes} labels): test "
-          f"{np.mean(accs):.4f} +- {np.std(accs):.4f} over {len(accs)} seeds")
+          f"{np.mean(accs):.4f} +- {np.std(accs):.4f} over {len(accs)} seeds (l2 "
+          f"{', '.join(format(r['l2'], 'g') for r in runs)} by cross-validation)")
     write_json(os.path.join(self.out_dir, "low_data.json"), result)
     return result
 

@@ -121,7 +121,7 @@ def plan(config, hbm_gib: float | None = None, devices=None, layer_costs: bool =
 
   devices = list(jax.devices() if devices is None else devices)
   kind = devices[0].device_kind
-  chip = chips.for_device_kind(kind)
+  chip = chips.for_device(devices[0])
   hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
   config_lib.validate(config, len(devices), platform=devices[0].platform)
   mesh = sharding.make_mesh(config, devices)

@@ -8,7 +8,10 @@ the training split's mean and standard deviation, then a softmax classifier is f
 (the bias is not penalised) either full-batch with L-BFGS (the paper's choice for CIFAR/STL; it
 converges to the optimum, so the probe measures the features rather than the optimiser) or with
 minibatch SGD with momentum 0.9 (the paper's choice for ImageNet, where the features do not fit
-one full-batch solve). The L2 strength is chosen on a held-out split.
+one full-batch solve). The L2 strength is chosen on a held-out split (widened once when the best
+is at an end of the grid); low-data probes choose it by k-fold cross-validation inside their
+labelled subset. Every fit records its iterations, final loss and gradient norm, and whether it
+converged before its iteration cap.
 
 `l2` relates to scikit-learn's `C` by `C = 1 / (l2 * n_train)`.
 """
@@ -56,19 +59,31 @@ def logits_fn(params, x):
   return x @ params["w"] + params["b"]
 
 
-def objective(params, x, y, l2):
-  """Mean cross-entropy plus 0.5 * l2 * ||W||^2."""
+def objective(params, x, y, l2, weights=None):
+  """Mean cross-entropy (over the examples with weight 1 when `weights` is given) plus
+  0.5 * l2 * ||W||^2."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, x), y)
-  return jnp.mean(ce) + 0.5 * l2 * jnp.sum(jnp.square(params["w"]))
+  mean = jnp.mean(ce) if weights is None else jnp.sum(weights * ce) / jnp.sum(weights)
+  return mean + 0.5 * l2 * jnp.sum(jnp.square(params["w"]))
+
+
+@dataclasses.dataclass
+class Fit:
+  """A fitted probe and how its optimisation ended."""
+  params: dict
+  iterations: int
+  final_loss: float  # the objective (cross-entropy + L2 term) at the returned parameters
+  grad_norm: float  # its gradient's L2 norm there
+  converged: bool  # the stopping rule stopped it, not the iteration cap
+
+  def record(self) -> dict:
+    return {"iterations": self.iterations, "final_loss": self.final_loss,
+            "grad_norm": self.grad_norm, "converged": self.converged}
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iters"))
-def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 500, tol: float = 1e-5):
-  """Full-batch L-BFGS (zoom line search). Returns (params, iterations, final grad norm).
-
-  Stops when the gradient's L2 norm falls below `tol` or after `max_iters` iterations.
-  """
-  fun = functools.partial(objective, x=x, y=y, l2=l2)
+def _lbfgs(x, y, l2, weights, *, num_classes: int, max_iters: int, tol: float):
+  fun = functools.partial(objective, x=x, y=y, l2=l2, weights=weights)
   opt = optax.lbfgs()
   value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -84,13 +99,31 @@ def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 500, tol: float = 
 
   params = init_params(x.shape[1], num_classes)
   carry = (params, opt.init(params), jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0))
-  params, _, grad_norm, iters = jax.lax.while_loop(keep_going, step, carry)
-  return params, iters, grad_norm
+  params, _, _, iters = jax.lax.while_loop(keep_going, step, carry)
+  loss, grad = jax.value_and_grad(fun)(params)  # at the parameters returned
+  return params, iters, loss, optax.tree_utils.tree_norm(grad)
+
+
+def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 1000, tol: float = 1e-5,
+              weights=None) -> Fit:
+  """Full-batch L-BFGS (zoom line search), until the gradient's L2 norm is below `tol` or
+  `max_iters` iterations. `weights` (0/1 per example) fits on a subset without a new shape."""
+  weights = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(
+      weights, jnp.float32)
+  params, iters, loss, grad_norm = jax.device_get(_lbfgs(
+      jnp.asarray(x), jnp.asarray(y), jnp.float32(l2), weights, num_classes=num_classes,
+      max_iters=max_iters, tol=tol))
+  # The loop tests the gradient before each update, so it can stop just after a step that
+  # left the norm a hair above `tol` again: what counts is that the cap did not stop it.
+  return Fit(params=params, iterations=int(iters), final_loss=float(loss),
+             grad_norm=float(grad_norm), converged=bool(iters < max_iters or grad_norm <= tol))
 
 
 def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1024,
-            learning_rate: float = 0.1, seed: int = 0):
-  """Minibatch SGD, momentum 0.9, cosine-decayed learning rate. Returns params."""
+            learning_rate: float = 0.1, seed: int = 0, tol: float = 1e-3) -> Fit:
+  """Minibatch SGD, momentum 0.9, cosine-decayed learning rate, for `epochs`; converged when
+  the full-batch gradient norm at the end is below `tol` (looser than L-BFGS's: SGD's answer
+  is noisier)."""
   n = x.shape[0]
   steps_per_epoch = max(1, n // batch_size)
   tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
@@ -110,7 +143,10 @@ def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1
     for s in range(steps_per_epoch):
       idx = order[s * batch_size:(s + 1) * batch_size]
       params, opt_state = step(params, opt_state, x[idx], y[idx])
-  return params
+  loss, grad = jax.device_get(jax.jit(jax.value_and_grad(objective))(params, x, y, l2))
+  grad_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(grad))))
+  return Fit(params=jax.device_get(params), iterations=epochs * steps_per_epoch,
+             final_loss=float(loss), grad_norm=grad_norm, converged=grad_norm <= tol)
 
 
 def predict(params, x) -> np.ndarray:
@@ -128,15 +164,29 @@ class ProbeResult:
   test_acc: float
   val_acc_by_l2: dict  # {l2: validation accuracy}
   params: dict
+  fit: Fit  # how the chosen probe's optimisation ended
+  l2_at_edge: bool  # the chosen L2 is at an end of the (once widened) grid
+  unconverged_l2: list  # the strengths whose fit hit the iteration cap
+
+  def record(self) -> dict:
+    """The JSON-able summary: accuracies, the L2 choice and the chosen fit's convergence."""
+    return {"val_acc": self.val_acc, "test_acc": self.test_acc, "l2": self.l2,
+            "l2_grid": sorted(self.val_acc_by_l2), "l2_at_edge": self.l2_at_edge,
+            "unconverged_l2": self.unconverged_l2, **self.fit.record()}
 
 
-def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
-                   l2_grid: Sequence[float], solver: str = "lbfgs", max_iters: int = 500,
-                   sgd_epochs: int = 30, seed: int = 0) -> ProbeResult:
-  """Standardises on train, fits one probe per L2 strength, picks the best on val, tests it.
+def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weights=None):
+  if solver == "lbfgs":
+    return fit_lbfgs(x, y, l2, num_classes=num_classes, max_iters=max_iters, weights=weights)
+  if solver == "sgd":
+    if weights is not None:
+      keep = np.asarray(weights) > 0
+      x, y = np.asarray(x)[keep], np.asarray(y)[keep]
+    return fit_sgd(x, y, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed)
+  raise ValueError(f"unknown probe solver {solver!r}; use 'lbfgs' or 'sgd'.")
 
-  Each of train/val/test is (features [n, d], labels [n]).
-  """
+
+def _check_labels(train, val, test, num_classes):
   if len(train[0]) == 0 or len(val[0]) == 0:
     raise ProbeError("the probe needs non-empty train and validation splits; set "
                      "config.eval.holdout_fraction in (0, 1) or use a larger dataset.")
@@ -149,27 +199,105 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   if labels.min() < 0 or labels.max() >= num_classes:
     raise ProbeError(f"labels span [{labels.min()}, {labels.max()}], outside "
                      f"[0, {num_classes}): the dataset's num_classes is wrong.")
+
+
+def widen(grid: Sequence[float], best: float) -> list[float]:
+  """The strengths one and two decades past the end of `grid` that `best` sits at."""
+  grid = sorted(grid)
+  if best == grid[0] and best > 0:
+    return [grid[0] / 10, grid[0] / 100]
+  if best == grid[-1]:
+    return [grid[-1] * 10, grid[-1] * 100]
+  return []
+
+
+def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
+                   l2_grid: Sequence[float], solver: str = "lbfgs", max_iters: int = 1000,
+                   sgd_epochs: int = 30, seed: int = 0, log=None) -> ProbeResult:
+  """Standardises on train, fits one probe per L2 strength, picks the best on val, tests it.
+
+  Each of train/val/test is (features [n, d], labels [n]). When the best strength is at an end
+  of the grid, the grid is widened once by two decades on that side; a choice still at the edge
+  is reported (`l2_at_edge`). Fits that stop at the iteration cap are listed and, for the chosen
+  one, warned about through `log`.
+  """
+  _check_labels(train, val, test, num_classes)
   scaler = Standardizer.fit(train[0])
   xtr, xva, xte = (jnp.asarray(scaler(s[0])) for s in (train, val, test))
   ytr = jnp.asarray(train[1], jnp.int32)
-  best = None
-  by_l2 = {}
+  fits, by_l2 = {}, {}
+
+  def sweep(grid):
+    for l2 in grid:
+      fit = _fit_one(xtr, ytr, float(l2), num_classes=num_classes, solver=solver,
+                     max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed)
+      fits[float(l2)] = fit
+      by_l2[float(l2)] = accuracy(fit.params, xva, val[1])
+
+  sweep(l2_grid)
+  best = max(by_l2, key=lambda l2: (by_l2[l2], l2))  # ties: the stronger regularisation
+  extra = widen(list(by_l2), best)
+  if extra:
+    sweep(extra)
+    best = max(by_l2, key=lambda l2: (by_l2[l2], l2))
+  fit = fits[best]
+  at_edge = best in (min(by_l2), max(by_l2))
+  if log is not None and not fit.converged:
+    log(f"  warning: the probe at l2={best:g} stopped at its iteration cap ({fit.iterations}, "
+        f"gradient norm {fit.grad_norm:.2g}): its accuracy may be understated; raise "
+        "config.eval.probe_max_iters.")
+  if log is not None and at_edge:
+    log(f"  note: the chosen l2={best:g} is at the edge of the swept grid "
+        f"{sorted(by_l2)} (widened once); the optimum may lie beyond it.")
+  test_acc = accuracy(fit.params, xte, test[1]) if len(test[0]) else float("nan")
+  return ProbeResult(l2=best, val_acc=by_l2[best], test_acc=test_acc, val_acc_by_l2=by_l2,
+                     params=jax.tree_util.tree_map(np.asarray, fit.params), fit=fit,
+                     l2_at_edge=at_edge,
+                     unconverged_l2=sorted(l2 for l2, f in fits.items() if not f.converged))
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """Fold index in [0, k) of every example, each class dealt round-robin over the folds."""
+  rng = np.random.default_rng(seed)
+  folds = np.empty(len(labels), np.int64)
+  for c in np.unique(labels):
+    idx = rng.permutation(np.flatnonzero(labels == c))
+    folds[idx] = np.arange(len(idx)) % k
+  return folds
+
+
+def fit_low_data(train: tuple, test: tuple, *, num_classes: int, l2_grid: Sequence[float],
+                 folds: int = 5, solver: str = "lbfgs", max_iters: int = 1000,
+                 sgd_epochs: int = 30, seed: int = 0) -> dict:
+  """A probe that sees only the labelled examples in `train`: L2 chosen by stratified k-fold
+  cross-validation inside them (no other labels), then refit on all of them and tested.
+
+  Standardisation statistics come from `train` alone too. Returns the test accuracy, the
+  chosen L2, the cross-validated accuracy per L2 and the final fit's convergence.
+  """
+  _check_labels(train, train, test, num_classes)
+  scaler = Standardizer.fit(train[0])
+  x, xte = jnp.asarray(scaler(train[0])), jnp.asarray(scaler(test[0]))
+  y = np.asarray(train[1], np.int32)
+  k = int(min(folds, np.bincount(y, minlength=num_classes)[np.unique(y)].min()))
+  if k < 2:
+    raise ProbeError("a low-data probe needs at least 2 labelled examples per class to choose "
+                     "its L2 by cross-validation; raise config.eval.low_data_per_class.")
+  fold_of = stratified_folds(y, k, seed)
+  kw = dict(num_classes=num_classes, solver=solver, max_iters=max_iters, sgd_epochs=sgd_epochs,
+            seed=seed)
+  cv = {}
   for l2 in l2_grid:
-    if solver == "lbfgs":
-      params, _, _ = fit_lbfgs(xtr, ytr, jnp.float32(l2), num_classes=num_classes,
-                               max_iters=max_iters)
-    elif solver == "sgd":
-      params = fit_sgd(xtr, ytr, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed)
-    else:
-      raise ValueError(f"unknown probe solver {solver!r}; use 'lbfgs' or 'sgd'.")
-    acc = accuracy(params, xva, val[1])
-    by_l2[float(l2)] = acc
-    if best is None or acc > best[1]:
-      best = (float(l2), acc, params)
-  l2, val_acc, params = best
-  test_acc = accuracy(params, xte, test[1]) if len(test[0]) else float("nan")
-  return ProbeResult(l2=l2, val_acc=val_acc, test_acc=test_acc, val_acc_by_l2=by_l2,
-                     params=jax.tree_util.tree_map(np.asarray, params))
+    accs = []
+    for f in range(k):  # one shape for every fold: the held-out fold has weight 0
+      fit = _fit_one(x, y, float(l2), weights=(fold_of != f).astype(np.float32), **kw)
+      held = fold_of == f
+      accs.append(accuracy(fit.params, x[held], y[held]))
+    cv[float(l2)] = float(np.mean(accs))
+  best = max(cv, key=lambda l2: (cv[l2], l2))
+  fit = _fit_one(x, y, best, **kw)
+  return {"test_acc": accuracy(fit.params, xte, test[1]), "l2": best, "cv_folds": k,
+          "cv_acc_by_l2": cv, **fit.record()}
 
 
 def per_class_subset(labels: np.ndarray, per_class: int, num_classes: int,

@@ -24,7 +24,14 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
-  return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=axis_types, devices=devices)
+  try:
+    return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=axis_types, devices=devices)
+  except NotImplementedError as e:  # a TPU slice's physical torus cannot hold this shape
+    raise config_lib.ConfigError(
+        f"config.mesh={dict(zip(config_lib.MESH_AXES, shape))} does not map onto these "
+        f"devices' physical layout ({str(e).split('.')[0]}): each mesh axis must be a product "
+        "of whole physical axes, e.g. 16 = 4 x 4 on a 4x4x4 slice. Choose other config.mesh "
+        "sizes.") from e
 
 
 def rules(config):

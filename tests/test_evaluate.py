@@ -62,6 +62,62 @@ def test_probe_rejects_out_of_range_labels_and_empty_splits():
                          (x, np.zeros(4, int)), num_classes=3, l2_grid=(0.1,))
 
 
+def test_probe_records_convergence_and_warns_when_cut_off():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(300, 40)).astype(np.float32)
+  y = (x[:, :3].argmax(axis=1) + (rng.random(300) < 0.2)) % 3
+  done = probe.fit_lbfgs(x, y, 1e-3, num_classes=3)
+  assert done.converged and done.grad_norm < 1e-4 and 0 < done.iterations < 1000
+  cut = probe.fit_lbfgs(x, y, 1e-3, num_classes=3, max_iters=3)
+  assert not cut.converged and cut.iterations == 3 and cut.grad_norm > 1e-5
+  assert cut.final_loss > done.final_loss  # the cut-off fit is further from the optimum
+  logged = []
+  r = probe.fit_and_select((x, y), (x[:100], y[:100]), (x[:100], y[:100]), num_classes=3,
+                           l2_grid=(1e-3,), max_iters=3, log=logged.append)
+  assert r.record()["converged"] is False and r.unconverged_l2
+  assert any("iteration cap" in m and "probe_max_iters" in m for m in logged)
+
+
+def test_probe_widens_the_l2_grid_once_when_the_best_is_at_an_edge():
+  """Few noisy examples in many dimensions want strong regularisation: from a grid of weak
+  strengths the best is its top end, so two stronger decades are tried."""
+  rng = np.random.default_rng(2)
+  def draw(n):
+    y = rng.integers(0, 2, n)
+    return rng.normal(size=(n, 200)) + 0.3 * y[:, None], y
+  logged = []
+  r = probe.fit_and_select(draw(40), draw(400), draw(400), num_classes=2,
+                           l2_grid=(1e-6, 1e-5), log=logged.append)
+  assert sorted(r.val_acc_by_l2) == [1e-6, 1e-5, 1e-4, 1e-3]  # widened once, upwards
+  assert r.l2 > 1e-5 and r.val_acc == max(r.val_acc_by_l2.values())
+  assert r.l2_at_edge == (r.l2 == 1e-3) == any("edge of the swept grid" in m for m in logged)
+  assert probe.widen([1e-3, 1e-2, 1e-1], 1e-2) == []
+  assert probe.widen([0.0, 1e-2], 0.0) == []  # nothing weaker than no regularisation
+
+
+def test_low_data_probe_chooses_l2_inside_its_own_labels():
+  """k-fold cross-validation inside the labelled subset only: stratified folds, the chosen L2
+  from the grid, a converged final fit, and the same answer for the same seed."""
+  rng = np.random.default_rng(3)
+  centers = rng.normal(size=(4, 16)) * 2
+  def draw(n):
+    y = np.repeat(np.arange(4), n // 4)
+    return (centers[y] + rng.normal(size=(len(y), 16))).astype(np.float32), y
+  train, test = draw(40), draw(400)
+  folds = probe.stratified_folds(train[1], 5, seed=0)
+  for f in range(5):  # every fold holds 2 of each class's 10
+    assert np.bincount(train[1][folds == f], minlength=4).tolist() == [2, 2, 2, 2]
+  r = probe.fit_low_data(train, test, num_classes=4, l2_grid=(1e-3, 1e-1, 10.0), seed=0)
+  assert r["cv_folds"] == 5 and r["l2"] in (1e-3, 1e-1, 10.0) and set(r["cv_acc_by_l2"]) == {
+      1e-3, 1e-1, 10.0}
+  assert r["converged"] and r["test_acc"] > 0.8 and r["cv_acc_by_l2"][r["l2"]] == max(
+      r["cv_acc_by_l2"].values())
+  assert probe.fit_low_data(train, test, num_classes=4, l2_grid=(1e-3, 1e-1, 10.0),
+                            seed=0) == r
+  with pytest.raises(probe.ProbeError, match="at least 2 labelled examples"):
+    probe.fit_low_data((train[0][::10], train[1][::10]), test, num_classes=4, l2_grid=(1.0,))
+
+
 def test_per_class_subset():
   labels = np.repeat(np.arange(3), 10)
   idx = probe.per_class_subset(labels, 4, 3, seed=0)
@@ -119,7 +175,7 @@ def test_features_are_pooled_normalised_inputs_of_the_next_block():
 def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
   workdir = trained_quickstart
   config = quickstart(workdir, **{"eval.tasks": "linear_probe,low_data,bits_per_dim",
-                                  "eval.low_data_per_class": (5, 20),
+                                  "eval.low_data_per_class": (5, 20, 400),
                                   "eval.low_data_seeds": 2})
   results = eval_tasks.evaluate(config, workdir)
   with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
@@ -129,20 +185,32 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
   assert sorted(lp["layers"], key=int) == ["1", "2", "3", "4"]
   assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (1350, 150, 297)
   for row in lp["layers"].values():
-    assert 0.5 < row["test_acc"] <= 1.0 and row["l2"] in config.eval.probe_l2
-  assert lp["best_layer"] == max(lp["layers"], key=lambda k: lp["layers"][k]["val_acc"],
-                                 default=None) or lp["layers"][str(lp["best_layer"])][
-                                     "val_acc"] == max(r["val_acc"]
-                                                       for r in lp["layers"].values())
+    assert 0.5 < row["test_acc"] <= 1.0 and row["l2"] in row["l2_grid"]
+    assert set(config.eval.probe_l2) <= set(row["l2_grid"])  # widened only when at an edge
+    # Converged: stopped by its gradient-norm rule; otherwise stopped by the cap, and said so.
+    if row["converged"]:
+      assert row["grad_norm"] < 1e-4 and 0 < row["iterations"] < 1000
+    else:
+      assert row["iterations"] == 1000 and row["l2"] in row["unconverged_l2"]
+    assert row["final_loss"] > 0
+  assert lp["converged"] == all(row["converged"] for row in lp["layers"].values())
+  assert sum(row["converged"] for row in lp["layers"].values()) >= 2
+  assert isinstance(lp["best_layer"], int)
+  assert str(lp["best_layer"]) == max(lp["layers"], key=lambda k: lp["layers"][k]["val_acc"])
   assert lp["test_acc"] == lp["layers"][str(lp["best_layer"])]["test_acc"]
   assert 0.8 < lp["raw_pixel_test_acc"] < 1.0  # logistic regression on 8x8 digits: ~89%
+  assert lp["raw_pixel"]["converged"] and 0 < lp["raw_pixel"]["iterations"] < 1000
   assert os.path.getsize(os.path.join(workdir, "eval", "linear_probe.png")) > 5_000
 
   with open(os.path.join(workdir, "eval", "low_data.json")) as f:
     ld = json.load(f)
   assert ld["layer"] == lp["best_layer"]
+  assert ld["layer_source"] == "best layer of linear_probe.json"
+  assert "cross-validation" in ld["l2_selection"]
+  assert sorted(ld["per_class"], key=int) == ["5", "20"]  # digits has ~135 images a class, not 400
+  assert "smallest class has" in ld["skipped"]["400"]
   few, more = ld["per_class"]["5"], ld["per_class"]["20"]
-  assert few["labels"] == 50 and len(few["test_accs"]) == 2
+  assert few["labels"] == 50 and len(few["test_accs"]) == 2 and len(few["l2"]) == 2
   assert 0.2 < few["test_acc_mean"] < more["test_acc_mean"] + 0.05
 
   with open(os.path.join(workdir, "eval", "bits_per_dim.json")) as f:

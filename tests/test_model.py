@@ -109,7 +109,16 @@ def test_init_follows_the_release():
   assert std(blocks["mlp"]["fc"]["kernel"]) == pytest.approx(0.02, rel=0.05)
   assert std(blocks["mlp"]["proj"]["kernel"]) == pytest.approx(0.02, rel=0.05)
   np.testing.assert_array_equal(np.asarray(params["wtet"]), 0.0)
-  np.testing.assert_array_equal(np.asarray(blocks["ln_1"]["scale"]), 1.0)
+  assert std(blocks["attn"]["key"]) == pytest.approx(1 / math.sqrt(256), rel=0.05)
+  assert std(blocks["attn"]["value"]) == pytest.approx(1 / math.sqrt(256), rel=0.05)
+  # q, k and v are drawn independently (one shared draw would make attention degenerate).
+  assert not np.allclose(blocks["attn"]["query"], blocks["attn"]["key"])
+  assert not np.allclose(blocks["attn"]["key"], blocks["attn"]["value"])
+  # Every layer's weights are their own draw, not one layer repeated by the scan.
+  assert not np.allclose(blocks["attn"]["query"][0], blocks["attn"]["query"][1])
+  for norm in (blocks["ln_1"]["scale"], blocks["ln_2"]["scale"], params["ln_f"]["scale"]):
+    np.testing.assert_array_equal(np.asarray(norm), 1.0)  # RMSNorm gains start at one
+  assert blocks["ln_1"]["scale"].shape == blocks["ln_2"]["scale"].shape == (4, 256)
   # No biases anywhere, as in the original.
   names = ["/".join(str(k.key) for k in path)
            for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

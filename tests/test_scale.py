@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,7 +29,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   # A non-zero head, so that the loss and every gradient depend on the whole model.
   params = dict(state.params)
   params["wtet"] = 0.1 * jax.random.normal(jax.random.PRNGKey(1), params["wtet"].shape)
-  state = state.replace(params=params)
+  # Past the warmup (2 steps): at step 0 the learning rate is 0 and no parameter would move,
+  # which would make the parameter comparison below vacuous.
+  state = state.replace(params=params, step=jnp.asarray(5, jnp.int32))
+  assert float(schedule(5)) > 0
   batch = {"tokens": jax.random.randint(jax.random.PRNGKey(2), (16, 256), 0, 64)}
   out = {}
   for k in (1, 2, 4):
@@ -38,6 +42,9 @@ def test_gradient_accumulation_equals_the_full_batch():
     with sharding.use(mesh, config):
       new_state, metrics = step(state, batch)
     out[k] = (metrics, new_state.params)
+  moved = [float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(params))]
+  assert min(moved) > 1e-5, moved  # every parameter took a real step
   for k in (2, 4):
     for key in ("loss", "grad_norm"):
       np.testing.assert_allclose(out[k][0][key], out[1][0][key], rtol=1e-5)

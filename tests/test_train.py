@@ -202,3 +202,25 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
                              checkpoint_every_steps=2, warmup_steps=1, num_samples=0)
   train.train_and_evaluate(config, str(tmp_path))  # resumed at step 4: a new jit, traced once
   assert traces == [(64, 64)] * 2
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero():
+  """Linear warmup from 0 to the peak at the end of warmup, cosine decay to 0 at total_steps
+  (the paper's schedule), as the train step reads it."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
+  config = tiny_config(learning_rate=3e-3, total_steps=1000)
+  lr = train_state.lr_schedule(config, warmup=100)
+  at = lambda step: float(lr(step))
+  assert at(0) == 0.0
+  assert at(50) == pytest.approx(1.5e-3)  # linear: half way up at half the warmup
+  assert at(100) == pytest.approx(3e-3)  # the peak, exactly at the end of warmup
+  assert max(at(s) for s in range(0, 1001, 10)) == pytest.approx(3e-3)
+  assert at(550) == pytest.approx(1.5e-3, rel=1e-3)  # cosine: half the peak half way down
+  assert at(1000) == pytest.approx(0.0, abs=1e-12)
+  decay = [at(s) for s in range(100, 1001, 50)]
+  assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing after the peak
+  # warmup_steps=-1 means one epoch of the training split (the paper), capped by total_steps.
+  config.warmup_steps, config.batch_size = -1, 64
+  assert train_state.warmup_steps(config, train_examples=6400) == 100
+  assert train_state.warmup_steps(config, train_examples=10**9) == 1000

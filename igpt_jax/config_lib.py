@@ -162,6 +162,11 @@ def eval_config() -> ml_collections.ConfigDict:
   e.max_train_examples = -1  # -1 = all; else the first N of the (held-out-reduced) train split.
   e.step = -1  # checkpoint step to evaluate; -1 = the latest.
   e.batch_size = 0  # feature-extraction batch; 0 = config.batch_size.
+  # Features are written to WORKDIR/eval/features/ batch by batch (resumable) in this dtype and
+  # read back in chunks; a probe whose standardised training features (float32) exceed
+  # max_host_gib is fit by minibatch SGD streamed from disk instead of in memory.
+  e.feature_dtype = "float16"  # or "float32"
+  e.max_host_gib = 8.0
   # Linear probe.
   e.layers = "auto"  # 'auto', 'all' or e.g. '12,16,20' (0 = embeddings, L = final output).
   e.probe_solver = "lbfgs"  # 'lbfgs' (full batch; CIFAR/STL) or 'sgd' (ImageNet).
@@ -408,6 +413,11 @@ def _validate_eval(c) -> None:
   if not 0.0 < e.holdout_fraction < 1.0:
     _fail("eval.holdout_fraction", e.holdout_fraction,
           "must be in (0, 1): the probe chooses its L2 strength on that held-out part.")
+  if e.get("feature_dtype", "float16") not in ("float16", "float32"):
+    _fail("eval.feature_dtype", e.feature_dtype, "must be 'float16' or 'float32'.")
+  max_host = e.get("max_host_gib", 8.0)
+  if isinstance(max_host, bool) or not isinstance(max_host, (int, float)) or max_host <= 0:
+    _fail("eval.max_host_gib", max_host, "must be a positive number of GiB.")
   if e.probe_solver not in ("lbfgs", "sgd"):
     _fail("eval.probe_solver", e.probe_solver, "must be 'lbfgs' or 'sgd'.")
   l2 = tuple(e.probe_l2) if isinstance(e.probe_l2, (tuple, list)) else ()

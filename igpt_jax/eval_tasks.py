@@ -102,18 +102,24 @@ class Evaluator:
         f"{self.run.source.split_sizes['test']} images at {data_config.image_size}x"
         f"{data_config.image_size}); layers {self.layers}.")
 
-  def features(self, split: str):
-    """(features [n, len(layers), width], labels [n]) of `split`, cached on disk."""
+  def features(self, split: str) -> features_lib.FeatureSet:
+    """`split`'s features on disk (memory-mapped), extracted once: a killed extraction resumes
+    where it stopped, and later evaluations read the finished one."""
     if split not in self._features:
       c = self.config
-      if self._extractor is None:
-        self._extractor = features_lib.Extractor(self.run, self.layers,
-                                                 c.eval.batch_size or c.batch_size)
-      path = features_lib.cache_path(
+      directory = features_lib.cache_dir(
           self.workdir, c.dataset, f"{split}{self.run.source.split_sizes[split]}",
           self.step, self.layers, c.image_size, c.holdout_fraction)
-      self._features[split] = features_lib.cached(
-          path, lambda: self._extractor.split(self.params, split, log=log), log=log)
+      try:
+        self._features[split] = features_lib.FeatureSet.open(directory)
+        log(f"  features from cache {directory}")
+      except FileNotFoundError:
+        if self._extractor is None:
+          self._extractor = features_lib.Extractor(self.run, self.layers,
+                                                   c.eval.batch_size or c.batch_size)
+        self._features[split] = self._extractor.to_disk(
+            self.params, split, directory, dtype=c.eval.get("feature_dtype", "float16"),
+            log=log)
     return self._features[split]
 
   def _fit(self, train_xy, val_xy, test_xy):
@@ -121,17 +127,18 @@ class Evaluator:
     return probe.fit_and_select(train_xy, val_xy, test_xy, num_classes=self.num_classes,
                                 l2_grid=tuple(e.probe_l2), solver=e.probe_solver,
                                 max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs,
-                                seed=self.config.seed, log=log)
+                                seed=self.config.seed, log=log,
+                                max_host_bytes=e.get("max_host_gib", 8.0) * 2**30)
 
   def linear_probe(self) -> dict:
     c = self.config
     tr, va, te = (self.features(s) for s in ("train", "validation", "test"))
     result = {"dataset": c.dataset, "checkpoint_step": self.step, "image_size": c.image_size,
-              "solver": c.eval.probe_solver, "num_train": len(tr[1]), "num_val": len(va[1]),
-              "num_test": len(te[1]), "layers": {}}
+              "solver": c.eval.probe_solver, "num_train": len(tr.labels),
+              "num_val": len(va.labels), "num_test": len(te.labels), "layers": {}}
     for j, layer in enumerate(self.layers):
       t0 = time.time()
-      r = self._fit((tr[0][:, j], tr[1]), (va[0][:, j], va[1]), (te[0][:, j], te[1]))
+      r = self._fit(tr.layer(j), va.layer(j), te.layer(j))
       result["layers"][str(layer)] = r.record()
       log(f"  probe layer {layer}: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g}, "
           f"{r.fit.iterations} iterations{'' if r.fit.converged else ', NOT converged'}, "
@@ -177,7 +184,7 @@ class Evaluator:
               "layer_source": layer_source, "l2_selection": f"{e.low_data_folds}-fold "
               "cross-validation inside the labelled subset (no other labels are used)",
               "per_class": {}, "skipped": {}}
-    fewest = int(np.bincount(tr[1], minlength=self.num_classes).min())
+    fewest = int(np.bincount(tr.labels, minlength=self.num_classes).min())
     for n in e.low_data_per_class:
       if n > fewest:
         result["skipped"][str(n)] = f"the smallest class has {fewest} training examples"
@@ -185,9 +192,9 @@ class Evaluator:
         continue
       runs = []
       for seed in range(e.low_data_seeds):
-        idx = probe.per_class_subset(tr[1], n, self.num_classes, seed)
+        idx = probe.per_class_subset(np.asarray(tr.labels), n, self.num_classes, seed)
         runs.append(probe.fit_low_data(
-            (tr[0][idx, j], tr[1][idx]), (te[0][:, j], te[1]), num_classes=self.num_classes,
+            (tr.features[idx, j], tr.labels[idx]), te.layer(j), num_classes=self.num_classes,
             l2_grid=tuple(e.probe_l2), folds=e.low_data_folds, solver=e.probe_solver,
             max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs, seed=seed))
       accs = [r["test_acc"] for r in runs]

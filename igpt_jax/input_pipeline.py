@@ -429,18 +429,19 @@ def num_eval_batches(source: Source, split: str, local_batch: int, process_count
 
 
 def eval_iterator(config, source: Source, centers, split: str, *, local_batch: int,
-                  num_batches: int = -1, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict]:
-  """Exactly `num_batches` batches (-1: the whole split) padded to `local_batch` with a mask."""
+                  num_batches: int = -1, process_index: int = 0, process_count: int = 1,
+                  start_batch: int = 0) -> Iterator[dict]:
+  """Batches `start_batch` .. `num_batches` - 1 (-1: to the end of the split), padded to
+  `local_batch` with a mask. Batches are read by index: starting late costs nothing."""
   total = num_eval_batches(source, split, local_batch, process_count)
   num_batches = total if num_batches == -1 else min(num_batches, total)
   ds = eval_images(config, source, split, process_index=process_index,
                    process_count=process_count)
   ds = ds.batch(local_batch).map(functools.partial(_tokenize, table=palette_table(centers)))
-  it = iterate(ds[:num_batches], config)
+  it = iterate(ds[start_batch:num_batches], config)
   seq_len = config.image_size**2
   try:
-    for _ in range(num_batches):
+    for _ in range(max(num_batches - start_batch, 0)):
       b = next(it, None)
       n = 0 if b is None else len(b["label"])
       tokens = np.zeros((local_batch, seq_len), np.int32)

@@ -83,8 +83,11 @@ def per_device_bytes(tree, shardings) -> int:
 def topology_devices(name: str):
   """The chips of TPU topology `name` as compile-only devices (jax must run on the CPU)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # v4 and v5p chips run their two TensorCores as one device ("megacore"), as TPU VMs do.
+  megacore = {"chip_config_name": "megacore"} if name.lower().startswith(("v4", "v5p")) else {}
   try:
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                             **megacore).devices)
   except Exception as e:  # pylint: disable=broad-except  # libtpu missing or a bad name
     raise errors.FlagError(
         f"--topology={name}: no such TPU topology here ({str(e).splitlines()[0][:200]}). "

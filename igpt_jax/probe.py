@@ -34,20 +34,46 @@ class ProbeError(errors.UserError, ValueError):
   """The data cannot give a meaningful probe; the message says why."""
 
 
+CHUNK_ROWS = 16_384  # rows read at a time from features that may live on disk
+
+
+def chunks(n: int, rows: int = CHUNK_ROWS):
+  """[start, stop) row ranges covering n rows."""
+  return [(a, min(n, a + rows)) for a in range(0, n, rows)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Standardizer:
   mean: np.ndarray
   std: np.ndarray
 
   @classmethod
-  def fit(cls, x) -> "Standardizer":
-    x = np.asarray(x, np.float64)
-    std = x.std(axis=0)
-    return cls(mean=x.mean(axis=0).astype(np.float32),
+  def fit(cls, x, rows: int = CHUNK_ROWS) -> "Standardizer":
+    """Per-feature mean and standard deviation of `x` [n, d] (an array or a memory map of any
+    dtype), in one pass over row chunks: float64 statistics merged chunk by chunk (Chan et
+    al.), so host memory holds one chunk, not x."""
+    count, mean, m2 = 0, np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for a, b in chunks(x.shape[0], rows):
+      c = np.asarray(x[a:b], np.float64)
+      n_c, mean_c = len(c), c.mean(axis=0)
+      m2_c = np.square(c - mean_c).sum(axis=0)
+      delta, total = mean_c - mean, count + n_c
+      mean = mean + delta * (n_c / total)
+      m2 = m2 + m2_c + np.square(delta) * (count * n_c / total)
+      count = total
+    std = np.sqrt(m2 / max(count, 1))
+    return cls(mean=mean.astype(np.float32),
                std=np.where(std > 1e-6, std, 1.0).astype(np.float32))
 
   def __call__(self, x) -> np.ndarray:
     return ((np.asarray(x, np.float32) - self.mean) / self.std).astype(np.float32)
+
+  def apply(self, x, rows: int = CHUNK_ROWS) -> np.ndarray:
+    """The standardised float32 copy of `x`, built chunk by chunk (x may be a memory map)."""
+    out = np.empty(x.shape, np.float32)
+    for a, b in chunks(x.shape[0], rows):
+      out[a:b] = self(x[a:b])
+    return out
 
 
 def init_params(dim: int, num_classes: int) -> dict:
@@ -120,11 +146,15 @@ def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 1000, tol: float =
 
 
 def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1024,
-            learning_rate: float = 0.1, seed: int = 0, tol: float = 1e-3) -> Fit:
+            learning_rate: float = 0.1, seed: int = 0, tol: float = 1e-3,
+            transform=None, rows: int = CHUNK_ROWS) -> Fit:
   """Minibatch SGD, momentum 0.9, cosine-decayed learning rate, for `epochs`; converged when
   the full-batch gradient norm at the end is below `tol` (looser than L-BFGS's: SGD's answer
-  is noisier)."""
+  is noisier). With `transform` (e.g. a Standardizer), `x` may be a memory map of raw features:
+  each minibatch is read and transformed on its own, so host memory holds one batch."""
+  transform = transform or (lambda v: v)
   n = x.shape[0]
+  y = np.asarray(y)
   steps_per_epoch = max(1, n // batch_size)
   tx = optax.sgd(optax.cosine_decay_schedule(learning_rate, epochs * steps_per_epoch),
                  momentum=0.9)
@@ -141,20 +171,48 @@ def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1
   for _ in range(epochs):
     order = rng.permutation(n)
     for s in range(steps_per_epoch):
-      idx = order[s * batch_size:(s + 1) * batch_size]
-      params, opt_state = step(params, opt_state, x[idx], y[idx])
-  loss, grad = jax.device_get(jax.jit(jax.value_and_grad(objective))(params, x, y, l2))
-  grad_norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(grad))))
+      idx = np.sort(order[s * batch_size:(s + 1) * batch_size])  # sorted: sequential reads
+      params, opt_state = step(params, opt_state, transform(x[idx]), y[idx])
+  loss, grad_norm = full_objective(params, x, y, l2, transform, rows=rows)
   return Fit(params=jax.device_get(params), iterations=epochs * steps_per_epoch,
-             final_loss=float(loss), grad_norm=grad_norm, converged=grad_norm <= tol)
+             final_loss=loss, grad_norm=grad_norm, converged=grad_norm <= tol)
+
+
+@jax.jit
+def _ce_sum_and_grad(params, x, y):
+  def ce_sum(p):
+    return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, x), y))
+  return jax.value_and_grad(ce_sum)(params)
+
+
+def full_objective(params, x, y, l2, transform=None, rows: int = CHUNK_ROWS):
+  """(objective, its gradient norm) over all of `x`, summed chunk by chunk."""
+  transform = transform or (lambda v: v)
+  total, grad = 0.0, jax.tree_util.tree_map(np.zeros_like, jax.device_get(params))
+  for a, b in chunks(x.shape[0], rows):
+    value, g = jax.device_get(_ce_sum_and_grad(params, transform(x[a:b]), np.asarray(y[a:b])))
+    total += float(value)
+    grad = jax.tree_util.tree_map(np.add, grad, g)
+  n = x.shape[0]
+  w = np.asarray(jax.device_get(params["w"]))
+  grad = {"w": grad["w"] / n + l2 * w, "b": grad["b"] / n}
+  loss = total / n + 0.5 * l2 * float(np.sum(np.square(w)))
+  return loss, float(np.sqrt(sum(np.sum(np.square(g)) for g in grad.values())))
 
 
 def predict(params, x) -> np.ndarray:
   return np.asarray(jnp.argmax(logits_fn(params, jnp.asarray(x)), axis=-1))
 
 
-def accuracy(params, x, y) -> float:
-  return float(np.mean(predict(params, x) == np.asarray(y)))
+def accuracy(params, x, y, transform=None, rows: int = CHUNK_ROWS) -> float:
+  """Accuracy over `x` in row chunks (`x` may be a memory map; `transform` applied per chunk)."""
+  transform = transform or (lambda v: v)
+  y = np.asarray(y)
+  if len(y) == 0:
+    return float("nan")
+  hits = sum(int(np.sum(predict(params, transform(x[a:b])) == y[a:b]))
+             for a, b in chunks(x.shape[0], rows))
+  return hits / len(y)
 
 
 @dataclasses.dataclass
@@ -167,22 +225,27 @@ class ProbeResult:
   fit: Fit  # how the chosen probe's optimisation ended
   l2_at_edge: bool  # the chosen L2 is at an end of the (once widened) grid
   unconverged_l2: list  # the strengths whose fit hit the iteration cap
+  solver: str = "lbfgs"  # the solver that ran ("sgd" when the features had to be streamed)
+  streamed: bool = False  # minibatches read from (disk-backed) features, not held in memory
 
   def record(self) -> dict:
     """The JSON-able summary: accuracies, the L2 choice and the chosen fit's convergence."""
     return {"val_acc": self.val_acc, "test_acc": self.test_acc, "l2": self.l2,
             "l2_grid": sorted(self.val_acc_by_l2), "l2_at_edge": self.l2_at_edge,
-            "unconverged_l2": self.unconverged_l2, **self.fit.record()}
+            "unconverged_l2": self.unconverged_l2, "solver": self.solver,
+            "streamed": self.streamed, **self.fit.record()}
 
 
-def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weights=None):
+def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weights=None,
+             transform=None, rows=CHUNK_ROWS):
   if solver == "lbfgs":
     return fit_lbfgs(x, y, l2, num_classes=num_classes, max_iters=max_iters, weights=weights)
   if solver == "sgd":
     if weights is not None:
       keep = np.asarray(weights) > 0
       x, y = np.asarray(x)[keep], np.asarray(y)[keep]
-    return fit_sgd(x, y, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed)
+    return fit_sgd(x, y, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed,
+                   transform=transform, rows=rows)
   raise ValueError(f"unknown probe solver {solver!r}; use 'lbfgs' or 'sgd'.")
 
 
@@ -213,26 +276,44 @@ def widen(grid: Sequence[float], best: float) -> list[float]:
 
 def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
                    l2_grid: Sequence[float], solver: str = "lbfgs", max_iters: int = 1000,
-                   sgd_epochs: int = 30, seed: int = 0, log=None) -> ProbeResult:
+                   sgd_epochs: int = 30, seed: int = 0, log=None,
+                   max_host_bytes: float | None = None) -> ProbeResult:
   """Standardises on train, fits one probe per L2 strength, picks the best on val, tests it.
 
-  Each of train/val/test is (features [n, d], labels [n]). When the best strength is at an end
-  of the grid, the grid is widened once by two decades on that side; a choice still at the edge
-  is reported (`l2_at_edge`). Fits that stop at the iteration cap are listed and, for the chosen
-  one, warned about through `log`.
+  Each of train/val/test is (features [n, d], labels [n]); features may be memory maps of any
+  dtype (features on disk), read in row chunks. When the standardised training features (float32)
+  would exceed `max_host_bytes`, they are never held at once: the probe is fit by minibatch SGD
+  reading and standardising one batch at a time (`solver` 'sgd', `streamed`). When the best
+  strength is at an end of the grid, the grid is widened once by two decades on that side; a
+  choice still at the edge is reported (`l2_at_edge`). Fits that stop at the iteration cap are
+  listed and, for the chosen one, warned about through `log`.
   """
   _check_labels(train, val, test, num_classes)
-  scaler = Standardizer.fit(train[0])
-  xtr, xva, xte = (jnp.asarray(scaler(s[0])) for s in (train, val, test))
-  ytr = jnp.asarray(train[1], jnp.int32)
+  # Rows read at a time: a chunk's float64 statistics stay well inside the budget.
+  rows = CHUNK_ROWS if max_host_bytes is None else int(
+      np.clip(max_host_bytes // (64 * train[0].shape[1]), 256, CHUNK_ROWS))
+  scaler = Standardizer.fit(train[0], rows=rows)
+  # float32 standardised features, and on a CPU the device's copy of them: twice their bytes.
+  streamed = bool(max_host_bytes is not None
+                  and 2 * 4 * np.prod(train[0].shape) > max_host_bytes)
+  if streamed:
+    solver, xtr, transform = "sgd", train[0], scaler
+    if log is not None:
+      log(f"  the standardised training features (2 x {4 * np.prod(train[0].shape) / 2**30:.1f} "
+          f"GiB) exceed the host budget ({max_host_bytes / 2**30:.1f} GiB, eval.max_host_gib): "
+          "fitting by minibatch SGD over features read from disk")
+  else:
+    xtr, transform = jnp.asarray(scaler.apply(train[0])), None
+  ytr = np.asarray(train[1], np.int32)
   fits, by_l2 = {}, {}
 
   def sweep(grid):
     for l2 in grid:
       fit = _fit_one(xtr, ytr, float(l2), num_classes=num_classes, solver=solver,
-                     max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed)
+                     max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed, transform=transform,
+                     rows=rows)
       fits[float(l2)] = fit
-      by_l2[float(l2)] = accuracy(fit.params, xva, val[1])
+      by_l2[float(l2)] = accuracy(fit.params, val[0], val[1], transform=scaler, rows=rows)
 
   sweep(l2_grid)
   best = max(by_l2, key=lambda l2: (by_l2[l2], l2))  # ties: the stronger regularisation
@@ -249,11 +330,12 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   if log is not None and at_edge:
     log(f"  note: the chosen l2={best:g} is at the edge of the swept grid "
         f"{sorted(by_l2)} (widened once); the optimum may lie beyond it.")
-  test_acc = accuracy(fit.params, xte, test[1]) if len(test[0]) else float("nan")
+  test_acc = accuracy(fit.params, test[0], test[1], transform=scaler, rows=rows)
   return ProbeResult(l2=best, val_acc=by_l2[best], test_acc=test_acc, val_acc_by_l2=by_l2,
                      params=jax.tree_util.tree_map(np.asarray, fit.params), fit=fit,
                      l2_at_edge=at_edge,
-                     unconverged_l2=sorted(l2 for l2, f in fits.items() if not f.converged))
+                     unconverged_l2=sorted(l2 for l2, f in fits.items() if not f.converged),
+                     solver=solver, streamed=streamed)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -277,7 +359,7 @@ def fit_low_data(train: tuple, test: tuple, *, num_classes: int, l2_grid: Sequen
   """
   _check_labels(train, train, test, num_classes)
   scaler = Standardizer.fit(train[0])
-  x, xte = jnp.asarray(scaler(train[0])), jnp.asarray(scaler(test[0]))
+  x = jnp.asarray(scaler.apply(train[0]))
   y = np.asarray(train[1], np.int32)
   k = int(min(folds, np.bincount(y, minlength=num_classes)[np.unique(y)].min()))
   if k < 2:
@@ -296,7 +378,8 @@ def fit_low_data(train: tuple, test: tuple, *, num_classes: int, l2_grid: Sequen
     cv[float(l2)] = float(np.mean(accs))
   best = max(cv, key=lambda l2: (cv[l2], l2))
   fit = _fit_one(x, y, best, **kw)
-  return {"test_acc": accuracy(fit.params, xte, test[1]), "l2": best, "cv_folds": k,
+  return {"test_acc": accuracy(fit.params, test[0], test[1], transform=scaler), "l2": best,
+          "cv_folds": k,
           "cv_acc_by_l2": cv, **fit.record()}
 
 

@@ -167,13 +167,15 @@ class Run:
     return params, found
 
   def eval_batches(self, split: str, *, local_batch: int | None = None,
-                   num_batches: int = -1):
+                   num_batches: int = -1, start_batch: int = 0):
     """Global, sharded, masked batches of `split` (every process runs the same number; padding
-    has mask False), yielded under the mesh: the one evaluation loop the tools share."""
+    has mask False), yielded under the mesh: the one evaluation loop the tools share.
+    `start_batch` skips the first batches without reading them (a resumed extraction)."""
     it = input_pipeline.eval_iterator(
         self.config, self.source, self.centers, split,
         local_batch=local_batch or self.local_batch, num_batches=num_batches,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        start_batch=start_batch)
     with sharding.use(self.mesh, self.config):
       for batch in it:
         yield sharding.global_batch(batch, self.mesh)

@@ -41,7 +41,7 @@ def test_probe_on_raw_cifar10_pixels_matches_sklearn(cifar10_dir, tfds_dir):
   config.dataset, config.data_dir, config.image_size = cifar10_dir, tfds_dir, 8
   source = input_pipeline.open_source(config)
   x, y = features_lib.raw_pixels(config, source, "test")  # 10,000 real images, 192 features
-  assert x.shape == (10_000, 192) and 0.0 <= x.min() and x.max() <= 1.0
+  assert x.shape == (10_000, 192) and x.dtype == np.uint8 and x.max() > 200
   tr, va, te = (x[:6000], y[:6000]), (x[6000:7000], y[6000:7000]), (x[7000:], y[7000:])
   r = probe.fit_and_select(tr, va, te, num_classes=10, l2_grid=(1e-3, 1e-2))
   scaler = probe.Standardizer.fit(tr[0])
@@ -116,6 +116,110 @@ def test_low_data_probe_chooses_l2_inside_its_own_labels():
                             seed=0) == r
   with pytest.raises(probe.ProbeError, match="at least 2 labelled examples"):
     probe.fit_low_data((train[0][::10], train[1][::10]), test, num_classes=4, l2_grid=(1.0,))
+
+
+def test_standardizer_in_chunks_matches_the_whole_array():
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(5000, 7)) * [1, 10, 1e3, 1, 1, 1, 0] + [0, 5, 1e4, 0, 0, 0, 3]).astype(
+      np.float32)
+  whole = probe.Standardizer.fit(x, rows=10**9)
+  chunked = probe.Standardizer.fit(x, rows=333)
+  np.testing.assert_allclose(chunked.mean, x.astype(np.float64).mean(0), rtol=1e-6)
+  np.testing.assert_allclose(chunked.std[:6], x.astype(np.float64).std(0)[:6], rtol=1e-5)
+  assert chunked.std[6] == 1.0  # a constant feature is left unscaled, not divided by 0
+  np.testing.assert_allclose(chunked.apply(x, rows=333), whole(x), rtol=1e-5, atol=1e-5)
+
+
+def test_probe_streams_features_from_disk_within_the_host_budget(tmp_path):
+  """Features on disk (float16 memory map) larger than the host budget: the probe never holds
+  them in memory (peak host allocations stay a fraction of them, measured by tracemalloc), fits
+  by streamed minibatch SGD, and still finds the classes."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  n, d, k = 60_000, 256, 10
+  centers = rng.normal(size=(k, d)).astype(np.float32)
+  x = np.lib.format.open_memmap(str(tmp_path / "f.npy"), "w+", np.float16, (n, d))
+  y = rng.integers(0, k, n).astype(np.int32)
+  for a, b in probe.chunks(n, 10_000):
+    x[a:b] = centers[y[a:b]] * 0.5 + rng.normal(size=(b - a, d))
+  x.flush()
+  x = np.load(str(tmp_path / "f.npy"), mmap_mode="r")
+  budget = 8 * 2**20  # 8 MiB, against 61 MiB of float32 training features
+  tracemalloc.start()
+  logged = []
+  r = probe.fit_and_select((x[:40_000], y[:40_000]), (x[40_000:50_000], y[40_000:50_000]),
+                           (x[50_000:], y[50_000:]), num_classes=k, l2_grid=(1e-4, 1e-3),
+                           sgd_epochs=2, max_host_bytes=budget, log=logged.append)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert r.streamed and r.solver == "sgd" and any("eval.max_host_gib" in m for m in logged)
+  assert peak < 4 * 40_000 * d / 2, peak  # under half of the float32 training features
+  assert r.test_acc > 0.9 and r.fit.iterations > 0 and np.isfinite(r.fit.grad_norm)
+  # Within budget, the same data is fit in memory with L-BFGS.
+  small = probe.fit_and_select((x[:2000], y[:2000]), (x[2000:3000], y[2000:3000]),
+                               (x[3000:4000], y[3000:4000]), num_classes=k, l2_grid=(1e-3,),
+                               max_host_bytes=budget)
+  assert not small.streamed and small.solver == "lbfgs"
+
+
+KILL_SCRIPT = r"""
+import sys
+sys.path.insert(0, "tests")
+from conftest import quickstart_config
+from igpt_jax import eval_tasks, features
+features.FLUSH_BATCHES = 8
+config = quickstart_config(sys.argv[1], **{"eval.batch_size": 8, "eval.layers": "2,4"})
+ev = eval_tasks.Evaluator(config, sys.argv[1])
+fs = ev.features("train")
+print("ROWS", len(fs.labels))
+"""
+
+
+def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart, tmp_path):
+  """kill -9 in the middle of writing the train split's features; the rerun starts at the
+  recorded batch, and the result equals an uninterrupted extraction."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_quickstart, workdir, ignore=shutil.ignore_patterns("eval"))
+  cmd = [sys.executable, "-c", KILL_SCRIPT, workdir]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  deadline, progress = time.time() + 240, None
+  while time.time() < deadline and proc.poll() is None:
+    found = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(workdir, "eval"))
+             for f in fs if f == "progress.json" and "train" in r]
+    if found:
+      with open(found[0]) as f:
+        try:
+          progress = json.load(f)
+        except ValueError:
+          progress = None
+      if progress and 16 <= progress["batches"] and not progress["complete"]:
+        proc.send_signal(signal.SIGKILL)
+        break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, proc.stdout.read()[-2000:]
+  killed_at = progress["batches"]
+  assert 0 < killed_at < 169  # 1,350 training images in batches of 8
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"resuming at batch {killed_at}" in out.stdout + out.stderr
+  assert "ROWS 1350" in out.stdout
+  directory = os.path.dirname(found[0])
+  resumed = features_lib.FeatureSet.open(directory)
+  # The same extraction, uninterrupted, in a fresh directory.
+  fresh_dir = str(tmp_path / "fresh")
+  shutil.copytree(trained_quickstart, fresh_dir, ignore=shutil.ignore_patterns("eval"))
+  out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, fresh_dir], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  fresh = features_lib.FeatureSet.open(directory.replace(workdir, fresh_dir))
+  np.testing.assert_array_equal(resumed.labels, fresh.labels)
+  np.testing.assert_array_equal(resumed.features, fresh.features)
+  assert resumed.features.dtype == np.float16 and resumed.features.shape == (1350, 2, 128)
 
 
 def test_per_class_subset():

@@ -135,6 +135,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_temperature = 1.0
 
   c.eval = eval_config()
+  # In-training evaluators (big_vision style): name -> ConfigDict with `every_steps` and any
+  # config.eval fields laid over config.eval for it, run by `python -m igpt_jax.main` on the live
+  # parameters; results go to metrics.jsonl and TensorBoard (probe/<name>/layer<l>/test_acc,
+  # probe/<name>/best_test_acc, bits_per_dim/<name>, ...) and JSON under WORKDIR/evals/<name>/.
+  # E.g. a linear probe on 5,000 CIFAR-10 images every 2,000 steps:
+  #   c.evals.cifar10 = ml_collections.ConfigDict(dict(every_steps=2000, tasks="linear_probe",
+  #       dataset="cifar10", max_train_examples=5000, layers="auto", raw_pixel_baseline=False))
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
@@ -354,6 +362,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, platform: str | Non
   _positive_int(c, "max_nonfinite_skips")
   _positive_int(c, "preemption_check_every_steps")
   _validate_eval(c)
+  _validate_evals(c)
 
   mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))
   batch_shards = mesh["data"] * mesh["fsdp"]
@@ -403,6 +412,26 @@ def _validate_attention(c, platform: str | None) -> None:
 
 def eval_tasks(c) -> list[str]:
   return [t.strip() for t in str(c.eval.tasks).split(",") if t.strip()]
+
+
+def _validate_evals(c) -> None:
+  """Each in-training evaluator: a positive every_steps, config.eval fields only, and the
+  config.eval it makes valid."""
+  evals = c.get("evals", None) or {}
+  for name, ev in evals.items():
+    every = ev.get("every_steps", None) if hasattr(ev, "get") else None
+    if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+      _fail(f"evals.{name}.every_steps", every, "must be a positive number of steps.")
+    unknown = [k for k in ev.keys() if k != "every_steps" and k not in c.eval]
+    if unknown:
+      _fail(f"evals.{name}", sorted(unknown), "are not config.eval fields (each evaluator "
+            "sets config.eval fields for itself, plus every_steps).")
+    merged = ml_collections.ConfigDict(c.to_dict())
+    merged.eval.update({k: v for k, v in ev.items() if k != "every_steps"})
+    try:
+      _validate_eval(merged)
+    except ConfigError as e:
+      raise ConfigError(f"in config.evals.{name}: {e}") from e
 
 
 def _validate_eval(c) -> None:

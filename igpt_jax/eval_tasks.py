@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -66,11 +67,15 @@ def _limit_train(source, n: int) -> None:
 
 
 class Evaluator:
-  """A restored checkpoint on the evaluation dataset, and the tasks run on it."""
+  """A restored checkpoint (or, during training, the live parameters) on the evaluation
+  dataset, and the tasks run on it."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, *, params=None, step: int | None = None,
+               out_dir: str | None = None):
+    """`params` and `step` given: evaluate those (the in-training evaluators) instead of
+    restoring a checkpoint; results then go to `out_dir`."""
     self.workdir = workdir
-    self.out_dir = os.path.join(workdir, "eval")
+    self.out_dir = out_dir or os.path.join(workdir, "eval")
     if not os.path.exists(palette_lib.path_for(config, workdir)):
       raise errors.MissingError(
           f"{workdir} has no palette.npy: it holds no trained run. Train first "
@@ -80,10 +85,11 @@ class Evaluator:
     self.config = data_config
     self.run = run_lib.Run(data_config, workdir)
     _limit_train(self.run.source, config.eval.max_train_examples)
-    # Parameters only, straight into their shardings: no optimizer state is built.
-    self.params, step = self.run.restore_params(
-        config.eval.step if config.eval.step >= 0 else None)
-    self.step = int(step)
+    if params is None:
+      # Parameters only, straight into their shardings: no optimizer state is built.
+      params, step = self.run.restore_params(
+          config.eval.step if config.eval.step >= 0 else None)
+    self.params, self.step = params, int(step)
     self.num_classes = self.run.source.num_classes
     classifying = {"linear_probe", "low_data", "finetune"} & set(
         t.strip() for t in config.eval.tasks.split(","))
@@ -108,7 +114,7 @@ class Evaluator:
     if split not in self._features:
       c = self.config
       directory = features_lib.cache_dir(
-          self.workdir, c.dataset, f"{split}{self.run.source.split_sizes[split]}",
+          self.out_dir, c.dataset, f"{split}{self.run.source.split_sizes[split]}",
           self.step, self.layers, c.image_size, c.holdout_fraction)
       try:
         self._features[split] = features_lib.FeatureSet.open(directory)
@@ -227,6 +233,68 @@ class Evaluator:
     log(f"Fine-tuned: test accuracy {result['test_acc']:.4f} at step {result['best_step']} "
         f"(validation {result['val_acc']:.4f})")
     return result
+
+
+def metrics_of(name: str, task: str, result: dict) -> dict:
+  """The scalars of a task's result that an in-training evaluator logs, by metric name:
+  probe/<name>/layer<l>/test_acc, probe/<name>/best_test_acc, bits_per_dim/<name>, ..."""
+  if task == "linear_probe":
+    out = {f"probe/{name}/layer{l}/{k}": v[k] for l, v in result["layers"].items()
+           for k in ("test_acc", "val_acc")}
+    out.update({f"probe/{name}/best_test_acc": result["test_acc"],
+                f"probe/{name}/best_layer": result["best_layer"]})
+    if "raw_pixel_test_acc" in result:
+      out[f"probe/{name}/raw_pixel_test_acc"] = result["raw_pixel_test_acc"]
+    return out
+  if task == "bits_per_dim":
+    return {f"bits_per_dim/{name}": result["bits_per_dim"]}
+  if task == "low_data":
+    return {f"low_data/{name}/{n}_per_class/test_acc": v["test_acc_mean"]
+            for n, v in result["per_class"].items()}
+  if task == "finetune":
+    return {f"finetune/{name}/test_acc": result["test_acc"]}
+  return {}
+
+
+def in_training_config(config, name: str):
+  """The config of in-training evaluator `name`: `config.evals.<name>`'s fields laid over
+  `config.eval` (every field but `every_steps` is a `config.eval` field)."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for key, value in config.evals[name].items():
+      if key != "every_steps":
+        c.eval[key] = value
+  return c
+
+
+def due(config, step: int, last: bool = False) -> bool:
+  """Whether any in-training evaluator runs at `step` (all run on the last step)."""
+  evals = config.get("evals", {}) or {}
+  return bool(evals) and (last or any(step % e.every_steps == 0 for e in evals.values()))
+
+
+def run_in_training(config, workdir: str, params, step: int, *, last: bool = False) -> dict:
+  """Runs every in-training evaluator (`config.evals`) due at `step` (or all, on the last
+  step) on the live parameters; returns their metrics. The same tasks as the offline binary;
+  each writes its JSON under workdir/evals/<name>/step<step>/ and drops its features after."""
+  metrics = {}
+  for name in sorted(config.get("evals", {}) or {}):
+    every = config.evals[name].every_steps
+    if not (last or step % every == 0):
+      continue
+    c = in_training_config(config, name)
+    out_dir = os.path.join(workdir, "evals", name, f"step{step}")
+    t0 = time.time()
+    ev = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
+    for task in config_lib.eval_tasks(c):
+      metrics.update(metrics_of(name, task, getattr(ev, task)()))
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
+    shown = {k: v for k, v in metrics.items()
+             if k.split("/")[1] == name and ("best_test" in k or "bits" in k)}
+    log(f"  evaluator {name} at step {step}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({time.time() - t0:.0f}s)")
+  return metrics
 
 
 def evaluate(config, workdir: str) -> dict:

@@ -206,13 +206,14 @@ class FeatureSet:
     return self.features[:, j], np.asarray(self.labels)
 
 
-def cache_dir(workdir: str, dataset: str, split: str, step: int, layers: list[int],
+def cache_dir(eval_dir: str, dataset: str, split: str, step: int, layers: list[int],
               image_size: int, holdout_fraction: float) -> str:
-  """Where one split's features live; the name changes whenever what they mean changes."""
+  """Where one split's features live under `eval_dir` (WORKDIR/eval); the name changes
+  whenever what they mean changes."""
   key = f"{dataset}|{split}|{image_size}|{holdout_fraction}|{','.join(map(str, layers))}"
   digest = hashlib.sha1(key.encode()).hexdigest()[:10]
   name = os.path.basename(os.path.normpath(dataset)) or "dataset"
-  return os.path.join(workdir, "eval", "features", f"{name}_{split}_step{step}_{digest}")
+  return os.path.join(eval_dir, "features", f"{name}_{split}_step{step}_{digest}")
 
 
 def raw_pixels(config, source, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,11 @@ and HBM bytes per device with the roofline step time and MFU bound they imply (c
 FLOPs and bytes: XLA's cost analysis counts a loop body once, and the layers are a scan. So the
 step is also compiled, for the cost analysis only, with 1 and 2 layers unrolled:
 cost(L layers) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact for a stack of equal layers.
-Model FLOPs (flops.py, no remat recomputation) are reported beside the compiler's.
+Model FLOPs (flops.py, no remat recomputation) are reported beside the compiler's; a Pallas
+kernel (splash attention) is a custom call whose FLOPs XLA cannot see, so the model's count of
+attention FLOPs is added for it, and the roofline never assumes fewer FLOPs than the model's.
+HBM bytes are XLA's "bytes accessed" (operands and results of every fused op), an estimate of
+HBM traffic; collectives over ICI are not in the roofline.
 """
 
 import dataclasses
@@ -210,10 +214,13 @@ def plan(config, hbm_gib: float | None = None, devices=None, layer_costs: bool =
                                                            m.causal)
                      * config.batch_size * seq_len / len(devices))
     out.update({"compiler_tflop_per_device": step_flops / 1e12,
-                "hbm_gb_per_device": step_bytes / 1e9})
+                "hbm_gb_per_device": step_bytes / 1e9,
+                "one_and_two_layer_tflop": [one[0] / 1e12, two[0] / 1e12]})
     if chip is not None:
       out["chip"] = chip.name
-      out.update(chips.roofline(model_flops, step_flops, step_bytes, chip))
+      # Never fewer FLOPs than the model needs: where the compiler's count is lower (work it
+      # does not see, as in custom calls), the roofline uses the model's.
+      out.update(chips.roofline(model_flops, max(step_flops, model_flops), step_bytes, chip))
   return out
 
 

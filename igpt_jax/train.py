@@ -18,6 +18,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
+from igpt_jax import eval_tasks
 from igpt_jax import flops
 from igpt_jax import image_grid
 from igpt_jax import input_pipeline
@@ -307,7 +308,8 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
     is_last = step == c.total_steps
     preempted = stop_flag.should_stop(mgr, step, c.preemption_check_every_steps)
     checkpoint_now = step % c.checkpoint_every_steps == 0 or is_last or preempted
-    if step % c.log_every_steps == 0 or checkpoint_now:
+    evals_now = eval_tasks.due(c, step, is_last)
+    if step % c.log_every_steps == 0 or checkpoint_now or evals_now:
       fetched = jax.device_get(pending)
       skipped += _check_finite(fetched, step - len(fetched) + 1, c, skipped)
       last = {k: _mean(fetched, k) for k in fetched[0] if k != "nonfinite"}
@@ -320,6 +322,8 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
         val = trainer.run.evaluate(state.params, "validation", c.eval_batches)
         if val is not None:  # None: no validation split (said at start-up)
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
+      if evals_now:  # the in-training evaluators (config.evals) on the live parameters
+        last.update(eval_tasks.run_in_training(c, workdir, state.params, step, last=is_last))
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)

@@ -79,3 +79,19 @@ def test_configs_saved_before_the_attention_fields_still_load():
     del config["peak_tflops_per_device"]
   config_lib.validate(config, 1)
   assert model_lib.model_config_from(config).attention == "auto"
+
+
+def test_in_training_evaluators_are_validated():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
+  c = quickstart_config()
+  c.evals.probe = ml_collections.ConfigDict(dict(every_steps=50, tasks="linear_probe"))
+  config_lib.validate(c, 1)
+  for bad, message in [
+      (dict(every_steps=0), r"evals.probe.every_steps=0: must be a positive"),
+      (dict(every_steps=10, task="linear_probe"), r"\['task'\].*not config.eval fields"),
+      (dict(every_steps=10, tasks="knn"), r"in config.evals.probe: config.eval.tasks='knn'"),
+  ]:
+    c.evals.probe = ml_collections.ConfigDict(bad)
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.validate(c, 1)

@@ -433,3 +433,33 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
                                                   jax.tree_util.tree_leaves(ev.params)))
   params, step, _ = weights._restore_params(trained_quickstart, config)  # export's restore
   assert step == 120 and model_lib.count_params(params) == 800_000
+
+
+def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path):
+  """config.evals: a linear probe every 20 steps inside `train_and_evaluate`, logged to
+  metrics.jsonl; at the last step it gives the same numbers as `python -m igpt_jax.evaluate`
+  on the final checkpoint with the same settings (one code path)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  config = quickstart(total_steps=40, checkpoint_every_steps=40, log_every_steps=10,
+                      eval_every_steps=40, warmup_steps=5)
+  probe_settings = dict(tasks="linear_probe", layers="2,4", raw_pixel_baseline=False,
+                        max_train_examples=600)
+  config.evals.digits = ml_collections.ConfigDict(dict(every_steps=20, **probe_settings))
+  train.train_and_evaluate(config, workdir)
+  rows = metrics_by_step(workdir)
+  for step in (20, 40):
+    for layer in (2, 4):
+      assert 0.1 < rows[step][f"probe/digits/layer{layer}/test_acc"] <= 1.0
+    assert rows[step]["probe/digits/best_test_acc"] in (
+        rows[step]["probe/digits/layer2/test_acc"], rows[step]["probe/digits/layer4/test_acc"])
+  assert "probe/digits/best_test_acc" not in rows[10]  # only on its own steps
+  step40 = os.path.join(workdir, "evals", "digits", "step40")
+  assert os.path.exists(os.path.join(step40, "linear_probe.json"))
+  assert not os.path.exists(os.path.join(step40, "features"))  # dropped after use
+  offline = quickstart(total_steps=40, **{f"eval.{k}": v for k, v in probe_settings.items()})
+  lp = eval_tasks.evaluate(offline, workdir)["linear_probe"]
+  for layer in (2, 4):
+    assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]

@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = 32
   c.train_crop_fraction = (1.0, 1.0)  # random square crop side, as a fraction of the short side.
   c.train_flip = False
+  c.train_pad_crop = 0  # random crop of the resized image padded by this many pixels a side.
   # Input (igpt_jax/input_pipeline.py, grain): records are decoded, augmented and quantised in
   # `input_threads` reader threads of each process, `input_prefetch` batches ahead; with
   # `input_workers` > 0, in that many worker processes as well (decoding large JPEGs, e.g.
@@ -196,6 +197,13 @@ def eval_config() -> ml_collections.ConfigDict:
   e.finetune_clf_weight = 1.0  # total loss = generative + clf_weight * classification.
   e.finetune_eval_every_steps = 200
   e.finetune_eval_batches = -1
+  # Fine-tuning's own augmentation (not pre-training's): the CIFAR recipe by default, a random
+  # crop of the image padded by 4 pixels and a random flip, no scale crop. Masked-pixel models
+  # are fine-tuned on masked inputs and tested on the mean class logits of this many masks.
+  e.finetune_crop_fraction = (1.0, 1.0)
+  e.finetune_pad_crop = 4
+  e.finetune_flip = True
+  e.bert_mask_ensemble = 8
   return e
 
 
@@ -442,6 +450,13 @@ def _validate_eval(c) -> None:
   if not 0.0 < e.holdout_fraction < 1.0:
     _fail("eval.holdout_fraction", e.holdout_fraction,
           "must be in (0, 1): the probe chooses its L2 strength on that held-out part.")
+  lo, hi = tuple(e.get("finetune_crop_fraction", (1.0, 1.0)))
+  if not 0 < lo <= hi <= 1:
+    _fail("eval.finetune_crop_fraction", e.finetune_crop_fraction,
+          "must be (lo, hi) with 0 < lo <= hi <= 1.")
+  pad = e.get("finetune_pad_crop", 0)
+  if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < c.image_size:
+    _fail("eval.finetune_pad_crop", pad, f"must be an integer in [0, {c.image_size}).")
   if e.get("feature_dtype", "float16") not in ("float16", "float32"):
     _fail("eval.feature_dtype", e.feature_dtype, "must be 'float16' or 'float32'.")
   max_host = e.get("max_host_gib", 8.0)
@@ -454,7 +469,7 @@ def _validate_eval(c) -> None:
     _fail("eval.probe_l2", e.probe_l2, "must be a non-empty tuple of L2 strengths >= 0.")
   for field in ("probe_max_iters", "probe_sgd_epochs", "low_data_seeds", "low_data_folds",
                 "finetune_steps",
-                "finetune_eval_every_steps"):
+                "finetune_eval_every_steps", "bert_mask_ensemble"):
     _positive_int(c, f"eval.{field}")
   per_class = e.low_data_per_class
   if not isinstance(per_class, (tuple, list)) or not per_class or any(

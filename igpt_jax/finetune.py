@@ -53,10 +53,23 @@ def train_step(state, batch, *, tx, seed: int, **loss_kw):
   return (optax.apply_updates(params, updates), opt_state, step + 1), dict(metrics, loss=loss)
 
 
-def predict_step(params, batch, *, model):
-  feats = model.apply({"params": params["model"]}, batch["tokens"], output="features")
-  pred = jnp.argmax(class_logits(params["head"], feats[:, -1]), axis=-1)
-  return pred, batch["label"], batch["mask"]
+def predict_step(params, batch, *, model, objective: str, mask_prob: float, ensemble: int,
+                 seed: int):
+  """Predicted classes. Next-pixel models see the whole image; masked-pixel models are tested
+  as they were fine-tuned, on masked inputs: the class logits of `ensemble` random masks are
+  averaged (the paper's mask ensembling)."""
+  if objective != "masked_pixel":
+    feats = model.apply({"params": params["model"]}, batch["tokens"], output="features")
+    logits = class_logits(params["head"], feats[:, -1])
+  else:
+    def one_mask(k):
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), k)
+      keep = objectives.keep_mask_for(objective, rng, batch["tokens"].shape, mask_prob)
+      feats = model.apply({"params": params["model"]}, batch["tokens"], keep,
+                          output="features")
+      return jax.nn.log_softmax(class_logits(params["head"], feats[:, -1]))
+    logits = jnp.mean(jax.lax.map(one_mask, jnp.arange(ensemble)), axis=0)
+  return jnp.argmax(logits, axis=-1), batch["label"], batch["mask"]
 
 
 def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
@@ -87,7 +100,9 @@ def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
   step_fn = jax.jit(functools.partial(train_step, tx=tx, seed=c.seed + 17, **loss_kw),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-  pred_fn = jax.jit(functools.partial(predict_step, model=pretrained.model),
+  pred_fn = jax.jit(functools.partial(predict_step, model=pretrained.model,
+                                      objective=c.objective, mask_prob=c.mask_prob,
+                                      ensemble=e.bert_mask_ensemble, seed=c.seed + 23),
                     in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
 
   def accuracy(params, split, num_batches):
@@ -99,8 +114,13 @@ def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
       total += int(np.sum(mask))
     return right / max(total, 1)
 
+  # Fine-tuning's own augmentation, not the pre-training crop (eval.finetune_*).
+  aug = c.copy_and_resolve_references()
+  with aug.unlocked():
+    aug.train_crop_fraction = tuple(e.finetune_crop_fraction)
+    aug.train_pad_crop, aug.train_flip = e.finetune_pad_crop, e.finetune_flip
   data = input_pipeline.train_iterator(
-      c, pretrained.source, pretrained.centers, local_batch=local_batch, seed=c.seed + 17,
+      aug, pretrained.source, pretrained.centers, local_batch=local_batch, seed=c.seed + 17,
       process_index=jax.process_index(), process_count=jax.process_count())
   history, best = [], None
   t0 = time.time()
@@ -124,4 +144,7 @@ def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
   test_acc = accuracy(best_params, "test", -1)
   return {"best_step": best_step, "val_acc": best_val, "test_acc": test_acc,
           "steps": e.finetune_steps, "learning_rate": e.finetune_learning_rate,
-          "clf_weight": e.finetune_clf_weight, "history": history}
+          "clf_weight": e.finetune_clf_weight, "history": history,
+          "augmentation": {"crop_fraction": list(e.finetune_crop_fraction),
+                           "pad_crop": e.finetune_pad_crop, "flip": e.finetune_flip},
+          "mask_ensemble": e.bert_mask_ensemble if c.objective == "masked_pixel" else 0}

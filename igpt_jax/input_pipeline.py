@@ -267,12 +267,15 @@ def decode(image) -> np.ndarray:
 
 
 def preprocess(image: np.ndarray, *, image_size: int, crop_fraction=(1.0, 1.0),
-               flip: bool = False, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+               flip: bool = False, rng: Optional[np.random.Generator] = None,
+               pad_crop: int = 0) -> np.ndarray:
   """RGB uint8 [h, w, 3] -> uint8 [image_size, image_size, 3].
 
   A square crop whose side is a fraction of the short side (random fraction and position when
   `rng` is given, else the centre at `crop_fraction[1]`), an area (box-filter) resize to the
-  model resolution as in the paper, then, with `rng`, an optional random horizontal flip.
+  model resolution as in the paper, then, with `rng`, the CIFAR recipe's random crop of the
+  resized image padded by `pad_crop` black pixels on each side, and an optional random
+  horizontal flip.
   """
   h, w = image.shape[:2]
   short = min(h, w)
@@ -285,16 +288,21 @@ def preprocess(image: np.ndarray, *, image_size: int, crop_fraction=(1.0, 1.0),
     oy, ox = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
   out = np.asarray(PILImage.fromarray(image).resize(
       (image_size, image_size), PILImage.Resampling.BOX, box=(ox, oy, ox + side, oy + side)))
+  if rng is not None and pad_crop > 0:
+    padded = np.pad(out, ((pad_crop, pad_crop), (pad_crop, pad_crop), (0, 0)))
+    y, x = (int(v) for v in rng.integers(0, 2 * pad_crop + 1, size=2))
+    out = padded[y:y + image_size, x:x + image_size]
   if rng is not None and flip and rng.uniform() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
 
 
-def _train_example(item, *, seed: int, image_size: int, crop_fraction, flip: bool, table):
+def _train_example(item, *, seed: int, image_size: int, crop_fraction, flip: bool, table,
+                   pad_crop: int = 0):
   g, record = item
   rng = np.random.default_rng([seed, g])  # the augmentation of stream position g
   image = preprocess(decode(record["image"]), image_size=image_size,
-                     crop_fraction=crop_fraction, flip=flip, rng=rng)
+                     crop_fraction=crop_fraction, flip=flip, rng=rng, pad_crop=pad_crop)
   return {"tokens": palette_lib.quantize_with_table(image, table),
           "label": np.int32(record["label"])}
 
@@ -378,7 +386,7 @@ def train_dataset(config, source: Source, centers, *, local_batch: int, seed: in
   example = functools.partial(
       _train_example, seed=seed, image_size=config.image_size,
       crop_fraction=tuple(config.train_crop_fraction), flip=config.train_flip,
-      table=palette_table(centers))
+      table=palette_table(centers), pad_crop=config.get("train_pad_crop", 0))
   return share.map(example).batch(local_batch, drop_remainder=True)
 
 

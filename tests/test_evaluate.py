@@ -346,6 +346,8 @@ def test_finetune_learns_the_labels(trained_quickstart):
   assert ft["test_acc"] > 0.4
   # The generative loss keeps the model a good density model meanwhile (uniform: 2.77 nats).
   assert all(np.isfinite(h["gen_loss"]) and h["gen_loss"] < 2.0 for h in hist)
+  assert ft["augmentation"] == {"crop_fraction": [1.0, 1.0], "pad_crop": 0, "flip": False}
+  assert ft["mask_ensemble"] == 0  # a next-pixel model sees whole images
   # The pre-training checkpoints are untouched.
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["120", "60"]
 
@@ -463,3 +465,32 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path):
   lp = eval_tasks.evaluate(offline, workdir)["linear_probe"]
   for layer in (2, 4):
     assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]
+
+
+def test_masked_pixel_predictions_average_a_mask_ensemble():
+  """Masked-pixel models are tested as they were fine-tuned: the mean class log-probabilities
+  over `ensemble` random masks, the same masks for the same seed."""
+  from igpt_jax import finetune  # pylint: disable=g-import-not-at-top
+  from igpt_jax import objectives  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(vocab_size=16, seq_len=64, num_layers=2, width=32, num_heads=4,
+                              causal=False)
+  m = model_lib.IGPT(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (6, 64), 0, 16)
+  params = {"model": jax.tree_util.tree_map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape),
+      m.init(jax.random.PRNGKey(2), tokens)["params"]),
+            "head": {"w": jax.random.normal(jax.random.PRNGKey(3), (32, 5)),
+                     "b": jnp.zeros(5)}}
+  batch = {"tokens": tokens, "label": jnp.zeros(6, jnp.int32), "mask": jnp.ones(6, bool)}
+  kw = dict(model=m, objective="masked_pixel", mask_prob=0.15, seed=7)
+  pred, _, _ = finetune.predict_step(params, batch, ensemble=4, **kw)
+  again, _, _ = finetune.predict_step(params, batch, ensemble=4, **kw)
+  np.testing.assert_array_equal(pred, again)
+  by_hand = []
+  for k in range(4):
+    keep = objectives.keep_mask_for("masked_pixel", jax.random.fold_in(jax.random.PRNGKey(7), k),
+                                    tokens.shape, 0.15)
+    feats = m.apply({"params": params["model"]}, tokens, keep, output="features")
+    by_hand.append(jax.nn.log_softmax(finetune.class_logits(params["head"], feats[:, -1])))
+  np.testing.assert_array_equal(pred, jnp.argmax(jnp.mean(jnp.stack(by_hand), 0), -1))
+  assert not np.allclose(by_hand[0], by_hand[1])  # different masks, different logits

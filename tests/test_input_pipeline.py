@@ -291,3 +291,27 @@ def test_digits_builtin():
   centers = np.random.default_rng(0).uniform(-1, 1, size=(64, 3)).astype(np.float32)
   batch = next(input_pipeline.train_iterator(config, src, centers, local_batch=4, seed=0))
   assert batch["tokens"].shape == (4, 64)
+
+
+def test_padded_random_crop_shifts_the_image_within_the_padding():
+  """The CIFAR fine-tuning recipe: pad 4 black pixels a side, crop back at a random offset."""
+  image = np.arange(16 * 16 * 3, dtype=np.int64).reshape(16, 16, 3) % 251 + 1
+  image = image.astype(np.uint8)  # no zero pixels: padding is recognisable
+  padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
+  offsets = set()
+  for seed in range(40):
+    out = input_pipeline.preprocess(image, image_size=16, pad_crop=4,
+                                    rng=np.random.default_rng(seed))
+    assert out.shape == (16, 16, 3)
+    hits = [(y, x) for y in range(9) for x in range(9)
+            if np.array_equal(out, padded[y:y + 16, x:x + 16])]
+    assert len(hits) == 1  # exactly a window of the padded image
+    offsets.add(hits[0])
+  assert len(offsets) > 15  # the offsets vary over the 9 x 9 possible
+  same = input_pipeline.preprocess(image, image_size=16, pad_crop=4,
+                                   rng=np.random.default_rng(3))
+  np.testing.assert_array_equal(same, input_pipeline.preprocess(
+      image, image_size=16, pad_crop=4, rng=np.random.default_rng(3)))
+  # Without an rng (evaluation) nothing is shifted.
+  np.testing.assert_array_equal(input_pipeline.preprocess(image, image_size=16, pad_crop=4),
+                                image)

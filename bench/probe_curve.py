@@ -1,0 +1,70 @@
+r"""The paper's Figure 3 from one run: linear-probe accuracy against validation bits/dim.
+
+  python bench/probe_curve.py WORKDIR [--evaluator=cifar10] [--out=docs/probe_curve.png]
+
+Reads WORKDIR/metrics.jsonl of a run with an in-training linear-probe evaluator (e.g.
+configs/cifar10_curve.py) and validation bits/dim at the same steps; plots each layer's test
+accuracy against bits/dim (lower bits/dim = later in training, so the curve reads right to left),
+the best layer's as a thick line, with the raw-pixel baseline when given; prints the table.
+"""
+
+import argparse
+import json
+import os
+
+from matplotlib.figure import Figure
+
+
+def rows_by_step(workdir: str) -> dict:
+  rows = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      rows.setdefault(row["step"], {}).update(row)
+  return rows
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("workdir")
+  parser.add_argument("--evaluator", default="cifar10")
+  parser.add_argument("--raw_pixels", type=float, default=None,
+                      help="raw-pixel test accuracy to draw as a baseline (0-1)")
+  parser.add_argument("--out", default="docs/probe_curve.png")
+  args = parser.parse_args()
+  prefix = f"probe/{args.evaluator}/layer"
+  rows = {s: r for s, r in rows_by_step(args.workdir).items()
+          if "val_bits_per_dim" in r and any(k.startswith(prefix) for k in r)}
+  steps = sorted(rows)
+  layers = sorted({int(k[len(prefix):].split("/")[0]) for r in rows.values() for k in r
+                   if k.startswith(prefix)})
+  print("| step | val bits/dim | " + " | ".join(f"layer {l}" for l in layers) + " |")
+  print("| --- | --- | " + " | ".join("---" for _ in layers) + " |")
+  for s in steps:
+    accs = [rows[s].get(f"{prefix}{l}/test_acc") for l in layers]
+    print(f"| {s} | {rows[s]['val_bits_per_dim']:.3f} | "
+          + " | ".join(f"{100 * a:.1f}%" if a is not None else "" for a in accs) + " |")
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  bpd = [rows[s]["val_bits_per_dim"] for s in steps]
+  best = max(layers, key=lambda l: rows[steps[-1]].get(f"{prefix}{l}/val_acc", 0))
+  for l in layers:
+    acc = [100 * rows[s][f"{prefix}{l}/test_acc"] for s in steps]
+    ax.plot(bpd, acc, "o-", lw=3 if l == best else 1, label=f"layer {l}")
+  if args.raw_pixels is not None:
+    ax.axhline(100 * args.raw_pixels, ls="--", c="gray", label="raw pixels")
+  ax.invert_xaxis()
+  ax.set_xlabel("validation bits/dim (training goes right to left)")
+  ax.set_ylabel("linear probe test accuracy (%)")
+  ax.set_title(f"{args.evaluator}: probe accuracy vs. generative loss, steps {steps[0]}-"
+               f"{steps[-1]}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  fig.savefig(args.out, dpi=120)
+  print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -106,7 +106,13 @@ def blockwise(q, k, v, *, causal: bool, block: int = 128):
   `act_batch` and `act_heads`; the length is whole on every device), so the map over slices is
   a local loop and never a loop over a sharded axis.
   """
-  kernel = functools.partial(_blockwise_local, causal=causal, block=block)
+  return per_shard(functools.partial(_blockwise_local, causal=causal, block=block), q, k, v)
+
+
+def per_shard(kernel, q, k, v):
+  """`kernel(q, k, v)` on each device's own (batch, heads) shard: under a mesh, inside
+  `shard_map` with batch and heads split as the logical rules split `act_batch` and
+  `act_heads` (the length whole on every device); without one, directly."""
   mesh = _context_mesh()
   if mesh is None or mesh.size == 1:
     return kernel(q, k, v)
@@ -246,14 +252,17 @@ def splash(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interpret: bool 
   """
   if interpret is None:
     interpret = current_platform()[0] != "tpu"
-  kernel = functools.partial(_splash_local, causal=causal, block=block, interpret=interpret)
-  mesh = _context_mesh()
-  if mesh is None or mesh.size == 1:
-    return kernel(q, k, v)
-  spec = _divisible_spec(nn.logical_to_mesh_axes(("act_batch", None, "act_heads", None)),
-                         q.shape, mesh)
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q, k, v)
+  return per_shard(functools.partial(_splash_local, causal=causal, block=block,
+                                     interpret=interpret), q, k, v)
+
+
+def _splash_modules():
+  """(splash_attention_kernel, splash_attention_mask), imported on first use: Pallas' TPU ops
+  load Mosaic, which only this implementation needs."""
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, \
+      splash_attention_mask
+  return splash_attention_kernel, splash_attention_mask
 
 
 def _splash_block(length: int, block: int) -> int:
@@ -264,8 +273,7 @@ def _splash_block(length: int, block: int) -> int:
 def _splash_mask(length: int, padded: int, causal: bool, heads: int):
   """The kernel's mask over `padded` positions, of which the first `length` are real: causal or
   full over the real keys (padded keys are never attended; padded queries are dropped)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_mask as splash_mask)
+  _, splash_mask = _splash_modules()
   if padded == length:
     one = (splash_mask.CausalMask((length, length)) if causal
            else splash_mask.FullMask((length, length)))
@@ -276,9 +284,7 @@ def _splash_mask(length: int, padded: int, causal: bool, heads: int):
 
 
 def _splash_local(q, k, v, *, causal: bool, block: int, interpret: bool):
-  # Imported here: Pallas' TPU ops load Mosaic, which only this implementation needs.
-  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
-      splash_attention_kernel as splash_kernel)
+  splash_kernel, _ = _splash_modules()
   _, length, heads, head_dim = q.shape
   padded = -(-length // _LANES) * _LANES  # 32x32, 48x48 and 64x64 images need no padding
   tile = _splash_block(padded, block)

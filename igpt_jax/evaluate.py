@@ -9,13 +9,16 @@ palette is DIR/palette.npy; the checkpoint is the latest (or --config.eval.step)
 is never updated except by the `finetune` task, whose result is not saved as a checkpoint.
 Results go to DIR/eval/:
 
-  linear_probe.json   per-layer val/test accuracy and chosen L2, the best layer (by validation
+  linear_probe.json   per-layer val/test accuracy, chosen L2 and how each fit ended (iterations,
+                      final loss, gradient norm, converged), the best layer (by validation
                       accuracy) and its test accuracy, and the raw-pixel baseline on the same
                       splits; linear_probe.png plots accuracy against layer depth.
-  low_data.json       probes on N labelled examples per class, mean/std over seeds.
+  low_data.json       probes on N labelled examples per class (L2 by cross-validation inside
+                      them), mean/std over seeds.
   finetune.json       fine-tuned test accuracy at the best validation step.
   bits_per_dim.json   the generative objective's bits/dim on the test split.
-  features/           cached frozen features, so a sweep does not recompute them.
+  features/           frozen features on disk (memory-mapped, written batch by batch; a killed
+                      extraction resumes), so a sweep does not recompute them.
 """
 
 from absl import flags

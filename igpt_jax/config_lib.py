@@ -375,8 +375,18 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, platform: str | Non
   mesh = dict(zip(MESH_AXES, resolve_mesh_shape(c.mesh, num_devices)))
   batch_shards = mesh["data"] * mesh["fsdp"]
   if c.batch_size % batch_shards:
+    hint = ""
+    if batch_shards > c.batch_size and num_devices % c.batch_size == 0:
+      # More devices than images: split the rest of the devices over heads/MLP instead.
+      tensor = num_devices // c.batch_size
+      hint = (f" With {num_devices} devices and a batch of {c.batch_size}, shard the model "
+              f"over the rest: --config.mesh.data=1 --config.mesh.fsdp={c.batch_size} "
+              f"--config.mesh.tensor={tensor}"
+              + (" (tensor must divide model.num_heads)" if c.model.num_heads % tensor else "")
+              + ", or raise config.batch_size.")
     _fail("batch_size", c.batch_size,
-          f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}.")
+          f"must be divisible by the data-parallel size mesh.data*mesh.fsdp={batch_shards}."
+          + hint)
   _positive_int(c, "grad_accum_steps")
   if c.batch_size % (c.grad_accum_steps * batch_shards):
     _fail("grad_accum_steps", c.grad_accum_steps,

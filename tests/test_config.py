@@ -95,3 +95,15 @@ def test_in_training_evaluators_are_validated():
     c.evals.probe = ml_collections.ConfigDict(bad)
     with pytest.raises(config_lib.ConfigError, match=message):
       config_lib.validate(c, 1)
+
+
+def test_more_devices_than_images_names_the_mesh_that_works():
+  """iGPT-L's batch of 128 on a 256-chip slice with the default (data-parallel) mesh: the error
+  gives the mesh flags that fit, and they do."""
+  from configs import l  # pylint: disable=g-import-not-at-top
+  c = l.get_config()
+  with pytest.raises(config_lib.ConfigError, match=r"--config.mesh.data=1 --config.mesh.fsdp="
+                     r"128 --config.mesh.tensor=2, or raise config.batch_size"):
+    config_lib.validate(c, 256)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 128, 2
+  config_lib.validate(c, 256)

@@ -300,7 +300,7 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
     solver, xtr, transform = "sgd", train[0], scaler
     if log is not None:
       log(f"  the standardised training features (2 x {4 * np.prod(train[0].shape) / 2**30:.1f} "
-          f"GiB) exceed the host budget ({max_host_bytes / 2**30:.1f} GiB, eval.max_host_gib): "
+          f"GiB) exceed the host budget ({max_host_bytes / 2**30:g} GiB, eval.max_host_gib): "
           "fitting by minibatch SGD over features read from disk")
   else:
     xtr, transform = jnp.asarray(scaler.apply(train[0])), None
@@ -324,9 +324,11 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   fit = fits[best]
   at_edge = best in (min(by_l2), max(by_l2))
   if log is not None and not fit.converged:
-    log(f"  warning: the probe at l2={best:g} stopped at its iteration cap ({fit.iterations}, "
+    cap = ("its iteration cap", "config.eval.probe_max_iters") if solver == "lbfgs" else (
+        "the end of its epochs with a large gradient", "config.eval.probe_sgd_epochs")
+    log(f"  warning: the probe at l2={best:g} stopped at {cap[0]} ({fit.iterations} steps, "
         f"gradient norm {fit.grad_norm:.2g}): its accuracy may be understated; raise "
-        "config.eval.probe_max_iters.")
+        f"{cap[1]}.")
   if log is not None and at_edge:
     log(f"  note: the chosen l2={best:g} is at the edge of the swept grid "
         f"{sorted(by_l2)} (widened once); the optimum may lie beyond it.")

@@ -288,8 +288,9 @@ def run_in_training(config, workdir: str, params, step: int, *, last: bool = Fal
     ev = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
     for task in config_lib.eval_tasks(c):
       metrics.update(metrics_of(name, task, getattr(ev, task)()))
-    if jax.process_index() == 0:
-      shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
+    # Every process drops its own copy (features.process_dir); on a shared file system the
+    # first one to get there removes them all.
+    shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
     shown = {k: v for k, v in metrics.items()
              if k.split("/")[1] == name and ("best_test" in k or "bits" in k)}
     log(f"  evaluator {name} at step {step}: "

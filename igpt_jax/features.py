@@ -101,27 +101,28 @@ class Extractor:
 
   def to_disk(self, params, split: str, directory: str, *, dtype: str = "float16",
               log=print) -> "FeatureSet":
-    """Writes `split`'s features into `directory` batch by batch, resumably (see FeatureSet);
-    host memory holds one batch at a time whatever the split's size."""
+    """Writes `split`'s features into `directory` (`process_dir` of it: every process of a
+    multi-process job keeps its own copy of the replicated features, so its probe reads them
+    locally) batch by batch, resumably (see FeatureSet); host memory holds one batch at a time
+    whatever the split's size."""
     n = self.run.source.split_sizes[split]
     shape = (n, len(self.layers), self.run.model.cfg.width)
-    writer = _Writer(directory, shape, dtype) if jax.process_index() == 0 else None
-    done = writer.done if writer else {"batches": 0, "rows": 0}
-    if jax.process_count() > 1:  # every process restarts at process 0's position
+    own = process_dir(directory)
+    writer = _Writer(own, shape, dtype)
+    if jax.process_count() > 1:  # all restart at the position every process has reached
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      done = dict(zip(("batches", "rows"), (int(v) for v in multihost_utils.
-                                             broadcast_one_to_all(np.asarray(
-                                                 [done["batches"], done["rows"]])))))
+      reached = multihost_utils.process_allgather(
+          np.asarray([writer.done["batches"], writer.done["rows"]]))
+      writer.done = dict(zip(("batches", "rows"), (int(v) for v in np.min(reached, axis=0))))
+    done = writer.done
     if done["rows"] < n:
       if done["batches"]:
         log(f"  features {split}: resuming at batch {done['batches']} ({done['rows']:,} of "
-            f"{n:,} images already in {directory})")
+            f"{n:,} images already in {own})")
       for f, y in self.batches(params, split, start_batch=done["batches"], log=log):
-        if writer:
-          writer.append(f, y)
-    if writer:
-      writer.close()
-    return FeatureSet.open(directory) if jax.process_index() == 0 else None
+        writer.append(f, y)
+    writer.close()
+    return FeatureSet.open(directory)
 
 
 FLUSH_BATCHES, FLUSH_S = 64, 5.0  # the position is recorded at least this often
@@ -186,6 +187,13 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def process_dir(directory: str) -> str:
+  """This process's copy of a feature directory: the directory itself on process 0 (and in
+  single-process runs), `<directory>.process<p>` on the others."""
+  p = jax.process_index()
+  return directory if p == 0 else f"{directory}.process{p}"
+
+
 @dataclasses.dataclass
 class FeatureSet:
   """One split's features on disk: `features` [n, layers, width] and `labels` [n], both
@@ -195,6 +203,8 @@ class FeatureSet:
 
   @classmethod
   def open(cls, directory: str) -> "FeatureSet":
+    """This process's complete copy (`process_dir`) of the features in `directory`."""
+    directory = process_dir(directory)
     progress = _read_json(os.path.join(directory, "progress.json"))
     if not progress or not progress.get("complete"):
       raise FileNotFoundError(f"{directory} holds no complete feature extraction")

@@ -124,3 +124,37 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
+
+
+def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path):
+  """`python -m igpt_jax.evaluate` as two processes (2 CPU devices each): each keeps its own
+  copy of the streamed features and the probe equals the one-process evaluation's."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  runs = {}
+  for name in ("single", "multi"):
+    runs[name] = str(tmp_path / name)
+    shutil.copytree(trained_quickstart, runs[name], ignore=shutil.ignore_patterns("eval"))
+  cmd = [sys.executable, "-m", "igpt_jax.evaluate", "--config=configs/quickstart.py",
+         "--config.eval.tasks=linear_probe", "--config.eval.layers=2,4",
+         "--config.eval.raw_pixel_baseline=False"]
+  out = subprocess.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  port = free_port()
+  procs = [subprocess.Popen(
+      cmd + [f"--workdir={runs['multi']}"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      env=env_for(2, IGPT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", IGPT_NUM_PROCESSES=2,
+                  IGPT_PROCESS_ID=rank, IGPT_HEARTBEAT_TIMEOUT_S=10)) for rank in (0, 1)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  results = {}
+  for name, workdir in runs.items():
+    with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
+      results[name] = json.load(f)
+  for layer in ("2", "4"):
+    for key in ("val_acc", "test_acc", "l2"):
+      assert results["multi"]["layers"][layer][key] == results["single"]["layers"][layer][key]
+  copies = os.listdir(os.path.join(runs["multi"], "eval", "features"))
+  assert sum(c.endswith(".process1") for c in copies) == 3  # train, validation and test

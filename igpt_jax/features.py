@@ -93,12 +93,6 @@ class Extractor:
         log(f"  features {split}: batch {i + 1}/{total} "
             f"({(total - i - 1) / max(rate, 1e-9):.0f}s left)")
 
-  def split(self, params, split: str, *, log=print) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 [n, len(layers), width], labels int32 [n]) of every image of `split`,
-    in memory (small splits and tests; `to_disk` for large ones)."""
-    parts = list(self.batches(params, split, log=log))
-    return (np.concatenate([f for f, _ in parts]), np.concatenate([y for _, y in parts]))
-
   def to_disk(self, params, split: str, directory: str, *, dtype: str = "float16",
               log=print) -> "FeatureSet":
     """Writes `split`'s features into `directory` (`process_dir` of it: every process of a

@@ -15,6 +15,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from igpt_jax import atomic
 from igpt_jax import errors
 from igpt_jax.config_lib import get_field
 
@@ -104,11 +105,8 @@ def abstract_like(tree, shardings):
 
 
 def save_config(workdir: str, config) -> None:
-  path = os.path.join(workdir, "config.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  atomic.write_text(os.path.join(workdir, "config.json"),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 # Fields that fix what a run trains on: resuming with other values is refused (the palette and

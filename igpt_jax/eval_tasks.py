@@ -16,6 +16,7 @@ import numpy as np
 # A bare Figure (no pyplot): leaves the caller's backend alone, e.g. a notebook's inline one.
 from matplotlib.figure import Figure
 
+from igpt_jax import atomic
 from igpt_jax import checkpointing
 from igpt_jax import config_lib
 from igpt_jax import errors
@@ -30,13 +31,9 @@ log = run_lib.log
 
 
 def write_json(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  """A result file, written by process 0 only."""
+  if jax.process_index() == 0:
+    atomic.write_json(path, obj, indent=2, sort_keys=True)
 
 
 def plot_probe(path: str, result: dict) -> None:
@@ -102,11 +99,19 @@ class Evaluator:
     self.layers = features_lib.parse_layers(e.layers, data_config.model.num_layers)
     self._extractor = None
     self._features = {}
+    self._raw_pixel = None  # the raw-pixel baseline's probe.Result, once fit
     log(f"Evaluating step {self.step} of {workdir} on {data_config.dataset} "
         f"({self.num_classes} classes; train {self.run.source.split_sizes['train']}, "
         f"validation {self.run.source.split_sizes['validation']}, test "
         f"{self.run.source.split_sizes['test']} images at {data_config.image_size}x"
         f"{data_config.image_size}); layers {self.layers}.")
+
+  def at(self, params, step: int, out_dir: str) -> "Evaluator":
+    """This evaluator on other parameters (the next in-training evaluation): the data source,
+    the mesh and the compiled extraction are kept; the features are extracted again."""
+    self.params, self.step, self.out_dir = params, int(step), out_dir
+    self._features = {}
+    return self
 
   def features(self, split: str) -> features_lib.FeatureSet:
     """`split`'s features on disk (memory-mapped), extracted once: a killed extraction resumes
@@ -155,9 +160,11 @@ class Evaluator:
     result["test_acc"] = result["layers"][str(best)]["test_acc"]
     result["converged"] = all(v["converged"] for v in result["layers"].values())
     if c.eval.raw_pixel_baseline:
-      src = self.run.source
-      raw = [features_lib.raw_pixels(c, src, s) for s in ("train", "validation", "test")]
-      r = self._fit(*raw)
+      if self._raw_pixel is None:  # the same at every step: fit once per evaluator
+        src = self.run.source
+        self._raw_pixel = self._fit(
+            *(features_lib.raw_pixels(c, src, s) for s in ("train", "validation", "test")))
+      r = self._raw_pixel
       result.update(raw_pixel_val_acc=r.val_acc, raw_pixel_test_acc=r.test_acc,
                     raw_pixel_l2=r.l2, raw_pixel=r.record())
       log(f"  raw-pixel baseline: val {r.val_acc:.4f} test {r.test_acc:.4f} (l2 {r.l2:g}, "
@@ -273,10 +280,14 @@ def due(config, step: int, last: bool = False) -> bool:
   return bool(evals) and (last or any(step % e.every_steps == 0 for e in evals.values()))
 
 
-def run_in_training(config, workdir: str, params, step: int, *, last: bool = False) -> dict:
+def run_in_training(config, workdir: str, params, step: int, *, last: bool = False,
+                    evaluators: dict | None = None) -> dict:
   """Runs every in-training evaluator (`config.evals`) due at `step` (or all, on the last
   step) on the live parameters; returns their metrics. The same tasks as the offline binary;
-  each writes its JSON under workdir/evals/<name>/step<step>/ and drops its features after."""
+  each writes its JSON under workdir/evals/<name>/step<step>/ and drops its features after.
+  `evaluators` (name -> Evaluator), kept by the caller between steps, saves reopening the data
+  and recompiling the extraction at every evaluation."""
+  evaluators = {} if evaluators is None else evaluators
   metrics = {}
   for name in sorted(config.get("evals", {}) or {}):
     every = config.evals[name].every_steps
@@ -285,7 +296,10 @@ def run_in_training(config, workdir: str, params, step: int, *, last: bool = Fal
     c = in_training_config(config, name)
     out_dir = os.path.join(workdir, "evals", name, f"step{step}")
     t0 = time.time()
-    ev = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
+    if name in evaluators:
+      ev = evaluators[name].at(params, step, out_dir)
+    else:
+      ev = evaluators[name] = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
     for task in config_lib.eval_tasks(c):
       metrics.update(metrics_of(name, task, getattr(ev, task)()))
     # Every process drops its own copy (features.process_dir); on a shared file system the

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from igpt_jax import atomic
 from igpt_jax import input_pipeline
 from igpt_jax import sharding
 
@@ -156,7 +157,7 @@ class _Writer:
   def _record(self) -> None:
     self.features.flush()
     self.labels.flush()
-    _write_json(os.path.join(self.directory, "progress.json"),
+    atomic.write_json(os.path.join(self.directory, "progress.json"),
                 {**self.done, "shape": list(self.shape), "dtype": self.dtype,
                  "complete": self.done["rows"] == self.shape[0]})
     self._last_flush, self._unflushed = time.time(), 0
@@ -172,13 +173,6 @@ def _read_json(path: str):
       return json.load(f)
   except (OSError, ValueError):
     return None
-
-
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f)
-  os.replace(tmp, path)
 
 
 def process_dir(directory: str) -> str:

@@ -302,6 +302,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
 
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step = {}, 0, latest
+  evaluators = {}  # the in-training evaluators, built at their first step and kept
   for step in range(start + 1, c.total_steps + 1):
     state, metrics = trainer.train_step(state, next(data))
     pending.append(metrics)
@@ -323,7 +324,8 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
         if val is not None:  # None: no validation split (said at start-up)
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       if evals_now:  # the in-training evaluators (config.evals) on the live parameters
-        last.update(eval_tasks.run_in_training(c, workdir, state.params, step, last=is_last))
+        last.update(eval_tasks.run_in_training(c, workdir, state.params, step, last=is_last,
+                                               evaluators=evaluators))
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)

@@ -437,20 +437,37 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   assert step == 120 and model_lib.count_params(params) == 800_000
 
 
-def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path):
+def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypatch):
   """config.evals: a linear probe every 20 steps inside `train_and_evaluate`, logged to
   metrics.jsonl; at the last step it gives the same numbers as `python -m igpt_jax.evaluate`
-  on the final checkpoint with the same settings (one code path)."""
+  on the final checkpoint with the same settings (one code path). One Evaluator (data source,
+  compiled extraction) serves both steps, on each step's parameters."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path)
   config = quickstart(total_steps=40, checkpoint_every_steps=40, log_every_steps=10,
                       eval_every_steps=40, warmup_steps=5)
-  probe_settings = dict(tasks="linear_probe", layers="2,4", raw_pixel_baseline=False,
+  probe_settings = dict(tasks="linear_probe", layers="2,4", raw_pixel_baseline=True,
                         max_train_examples=600)
   config.evals.digits = ml_collections.ConfigDict(dict(every_steps=20, **probe_settings))
+  built, init = [], eval_tasks.Evaluator.__init__
+  raw_splits, raw_pixels = [], features_lib.raw_pixels
+
+  def counting_init(self, *args, **kwargs):
+    built.append(kwargs["step"])
+    init(self, *args, **kwargs)
+
+  def counting_raw_pixels(config, source, split):
+    raw_splits.append(split)
+    return raw_pixels(config, source, split)
+
+  monkeypatch.setattr(eval_tasks.Evaluator, "__init__", counting_init)
+  monkeypatch.setattr(features_lib, "raw_pixels", counting_raw_pixels)
   train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert built == [20]  # built at its first step, reused at step 40
+  assert raw_splits == ["train", "validation", "test"]  # the baseline is fit once
   rows = metrics_by_step(workdir)
   for step in (20, 40):
     for layer in (2, 4):
@@ -465,6 +482,8 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path):
   lp = eval_tasks.evaluate(offline, workdir)["linear_probe"]
   for layer in (2, 4):
     assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]
+  assert (rows[20]["probe/digits/raw_pixel_test_acc"] == rows[40]["probe/digits/raw_pixel_test_acc"]
+          == lp["raw_pixel_test_acc"])
 
 
 def test_masked_pixel_predictions_average_a_mask_ensemble():

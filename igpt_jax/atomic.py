@@ -1,0 +1,19 @@
+"""Files written whole or not at all: to a temporary name, then renamed over the target, so a
+process killed mid-write (preemption) leaves the previous version, never half a file."""
+
+import json
+import os
+
+
+def write_text(path: str, text: str) -> None:
+  directory = os.path.dirname(path)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  write_text(path, json.dumps(obj, **dump_kwargs))

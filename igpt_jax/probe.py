@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import jax
@@ -147,11 +148,12 @@ def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 1000, tol: float =
 
 def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1024,
             learning_rate: float = 0.1, seed: int = 0, tol: float = 1e-3,
-            transform=None, rows: int = CHUNK_ROWS) -> Fit:
+            transform=None, rows: int = CHUNK_ROWS, log=None, log_every_s: float = 30.0) -> Fit:
   """Minibatch SGD, momentum 0.9, cosine-decayed learning rate, for `epochs`; converged when
   the full-batch gradient norm at the end is below `tol` (looser than L-BFGS's: SGD's answer
   is noisier). With `transform` (e.g. a Standardizer), `x` may be a memory map of raw features:
-  each minibatch is read and transformed on its own, so host memory holds one batch."""
+  each minibatch is read and transformed on its own, so host memory holds one batch. With
+  `log`, a progress line every `log_every_s` seconds (ImageNet-sized fits take minutes)."""
   transform = transform or (lambda v: v)
   n = x.shape[0]
   y = np.asarray(y)
@@ -168,11 +170,17 @@ def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1
     return optax.apply_updates(params, updates), opt_state
 
   rng = np.random.default_rng(seed)
-  for _ in range(epochs):
+  total, start = epochs * steps_per_epoch, time.time()
+  last = start
+  for e in range(epochs):
     order = rng.permutation(n)
     for s in range(steps_per_epoch):
       idx = np.sort(order[s * batch_size:(s + 1) * batch_size])  # sorted: sequential reads
       params, opt_state = step(params, opt_state, transform(x[idx]), y[idx])
+      if log is not None and time.time() - last > log_every_s:
+        last, done = time.time(), e * steps_per_epoch + s + 1
+        log(f"  probe l2={l2:g} (SGD): epoch {e + 1}/{epochs}, step {done}/{total} "
+            f"({(last - start) / done * (total - done):.0f}s left)")
   loss, grad_norm = full_objective(params, x, y, l2, transform, rows=rows)
   return Fit(params=jax.device_get(params), iterations=epochs * steps_per_epoch,
              final_loss=loss, grad_norm=grad_norm, converged=grad_norm <= tol)
@@ -237,7 +245,7 @@ class ProbeResult:
 
 
 def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weights=None,
-             transform=None, rows=CHUNK_ROWS):
+             transform=None, rows=CHUNK_ROWS, log=None):
   if solver == "lbfgs":
     return fit_lbfgs(x, y, l2, num_classes=num_classes, max_iters=max_iters, weights=weights)
   if solver == "sgd":
@@ -245,7 +253,7 @@ def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weig
       keep = np.asarray(weights) > 0
       x, y = np.asarray(x)[keep], np.asarray(y)[keep]
     return fit_sgd(x, y, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed,
-                   transform=transform, rows=rows)
+                   transform=transform, rows=rows, log=log)
   raise ValueError(f"unknown probe solver {solver!r}; use 'lbfgs' or 'sgd'.")
 
 
@@ -311,7 +319,7 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
     for l2 in grid:
       fit = _fit_one(xtr, ytr, float(l2), num_classes=num_classes, solver=solver,
                      max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed, transform=transform,
-                     rows=rows)
+                     rows=rows, log=log)
       fits[float(l2)] = fit
       by_l2[float(l2)] = accuracy(fit.params, val[0], val[1], transform=scaler, rows=rows)
 

@@ -160,6 +160,12 @@ def test_probe_streams_features_from_disk_within_the_host_budget(tmp_path):
                                (x[3000:4000], y[3000:4000]), num_classes=k, l2_grid=(1e-3,),
                                max_host_bytes=budget)
   assert not small.streamed and small.solver == "lbfgs"
+  # A long SGD fit says where it is (here at every step).
+  lines = []
+  probe.fit_sgd(x[:4096], y[:4096], 1e-3, num_classes=k, epochs=2, batch_size=1024,
+                transform=probe.Standardizer.fit(x[:4096]), log=lines.append, log_every_s=0)
+  assert len(lines) == 8 and "epoch 1/2, step 1/8" in lines[0], lines
+  assert "epoch 2/2, step 8/8 (0s left)" in lines[-1], lines
 
 
 KILL_SCRIPT = r"""

@@ -67,11 +67,6 @@ def for_device(device) -> Chip | None:
   return chip
 
 
-def for_topology(name: str) -> Chip | None:
-  """The row of a TPU topology name such as "v5e:16x16" or "v4:8x8x4"."""
-  return CHIPS.get(name.split(":")[0].lower())
-
-
 def roofline(model_flops: float, flops: float, hbm_bytes: float, chip: Chip) -> dict:
   """Lower bound on a step's time per device, from the FLOPs it executes (`flops`: the
   compiler's count, remat recomputation included) and its HBM traffic, and the bound on model

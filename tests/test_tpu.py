@@ -103,7 +103,7 @@ def test_chip_rows_match_jax_device_kinds():
   assert chips.for_device_kind("TPU v4").name == "TPU v4"
   assert chips.for_device_kind("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
   assert chips.for_device_kind("cpu") is None
-  assert chips.for_topology("v5p:4x4x8").hbm_gib == 95
+  assert chips.for_device_kind("TPU v5p").hbm_gib == 95
   r = chips.roofline(1e12, 2e12, 1e9, chips.CHIPS["v5e"])
   assert r["bound_by"] == "compute" and r["mfu_bound"] == pytest.approx(0.5)
   r = chips.roofline(1e12, 1e12, 819e9, chips.CHIPS["v5e"])  # 1 s of HBM vs 5 ms of math

@@ -139,7 +139,8 @@ class Evaluator:
                                 l2_grid=tuple(e.probe_l2), solver=e.probe_solver,
                                 max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs,
                                 seed=self.config.seed, log=log,
-                                max_host_bytes=e.get("max_host_gib", 8.0) * 2**30)
+                                max_host_bytes=e.get("max_host_gib", 8.0) * 2**30,
+                                mesh=self.run.mesh)
 
   def linear_probe(self) -> dict:
     c = self.config
@@ -209,7 +210,8 @@ class Evaluator:
         runs.append(probe.fit_low_data(
             (tr.features[idx, j], tr.labels[idx]), te.layer(j), num_classes=self.num_classes,
             l2_grid=tuple(e.probe_l2), folds=e.low_data_folds, solver=e.probe_solver,
-            max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs, seed=seed))
+            max_iters=e.probe_max_iters, sgd_epochs=e.probe_sgd_epochs, seed=seed,
+            mesh=self.run.mesh))
       accs = [r["test_acc"] for r in runs]
       result["per_class"][str(n)] = {"labels": n * self.num_classes,
                                      "test_acc_mean": float(np.mean(accs)),

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from igpt_jax import errors
 
@@ -108,7 +110,40 @@ class Fit:
             "grad_norm": self.grad_norm, "converged": self.converged}
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "max_iters"))
+def put_rows(x, mesh) -> jax.Array:
+  """Host array `x` [n, ...] as one global array with its rows split over every device of
+  `mesh` (n a multiple of mesh.size). Every process passes the same `x` (each keeps its own copy
+  of the features) and places only its devices' rows."""
+  x = np.asarray(x)
+  sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree, mesh):
+  """Host arrays as global arrays replicated on every device of `mesh`."""
+  sharding = NamedSharding(mesh, PartitionSpec())
+  return jax.tree_util.tree_map(
+      lambda v: jax.make_array_from_callback(np.shape(v), sharding,
+                                             lambda index: np.asarray(v)[index]), tree)
+
+
+def on_devices(x, y, weights, mesh=None):
+  """(x, y, weights) ready for a full-batch fit: with a mesh of several devices, padded with
+  weight-0 rows to a multiple of its size and split over it by rows (features, labels and
+  logits sharded, the gradient summed over devices); otherwise on the default device."""
+  n = x.shape[0]
+  weights = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
+  if mesh is None or mesh.size == 1:
+    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights)
+  pad = -n % mesh.size
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
+  if pad:
+    x = np.concatenate([x, np.zeros((pad, x.shape[1]), np.float32)])
+    y = np.concatenate([y, np.zeros(pad, np.int32)])
+    weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+  return put_rows(x, mesh), put_rows(y, mesh), put_rows(weights, mesh)
+
+
 def _lbfgs(x, y, l2, weights, *, num_classes: int, max_iters: int, tol: float):
   fun = functools.partial(objective, x=x, y=y, l2=l2, weights=weights)
   opt = optax.lbfgs()
@@ -131,15 +166,28 @@ def _lbfgs(x, y, l2, weights, *, num_classes: int, max_iters: int, tol: float):
   return params, iters, loss, optax.tree_utils.tree_norm(grad)
 
 
+_STATIC = ("num_classes", "max_iters")
+
+
+@functools.lru_cache(maxsize=None)
+def _lbfgs_jit(mesh=None):
+  """`_lbfgs` compiled; on a mesh, its results replicated (every process reads them whole)."""
+  if mesh is None:
+    return jax.jit(_lbfgs, static_argnames=_STATIC)
+  return jax.jit(_lbfgs, static_argnames=_STATIC,
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 1000, tol: float = 1e-5,
-              weights=None) -> Fit:
+              weights=None, mesh=None) -> Fit:
   """Full-batch L-BFGS (zoom line search), until the gradient's L2 norm is below `tol` or
-  `max_iters` iterations. `weights` (0/1 per example) fits on a subset without a new shape."""
-  weights = jnp.ones(x.shape[0], jnp.float32) if weights is None else jnp.asarray(
-      weights, jnp.float32)
-  params, iters, loss, grad_norm = jax.device_get(_lbfgs(
-      jnp.asarray(x), jnp.asarray(y), jnp.float32(l2), weights, num_classes=num_classes,
-      max_iters=max_iters, tol=tol))
+  `max_iters` iterations. `weights` (0/1 per example) fits on a subset without a new shape.
+  With `mesh`, the examples are split over its devices (`on_devices`)."""
+  mesh = mesh if mesh is not None and mesh.size > 1 else None
+  x, y, weights = on_devices(x, y, weights, mesh)
+  params, iters, loss, grad_norm = jax.device_get(_lbfgs_jit(mesh)(
+      x, y, np.float32(l2), weights, num_classes=num_classes, max_iters=max_iters,
+      tol=np.float32(tol)))
   # The loop tests the gradient before each update, so it can stop just after a step that
   # left the norm a hair above `tol` again: what counts is that the cap did not stop it.
   return Fit(params=params, iterations=int(iters), final_loss=float(loss),
@@ -148,12 +196,14 @@ def fit_lbfgs(x, y, l2, *, num_classes: int, max_iters: int = 1000, tol: float =
 
 def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1024,
             learning_rate: float = 0.1, seed: int = 0, tol: float = 1e-3,
-            transform=None, rows: int = CHUNK_ROWS, log=None, log_every_s: float = 30.0) -> Fit:
+            transform=None, rows: int = CHUNK_ROWS, log=None, log_every_s: float = 30.0,
+            mesh=None) -> Fit:
   """Minibatch SGD, momentum 0.9, cosine-decayed learning rate, for `epochs`; converged when
   the full-batch gradient norm at the end is below `tol` (looser than L-BFGS's: SGD's answer
   is noisier). With `transform` (e.g. a Standardizer), `x` may be a memory map of raw features:
   each minibatch is read and transformed on its own, so host memory holds one batch. With
-  `log`, a progress line every `log_every_s` seconds (ImageNet-sized fits take minutes)."""
+  `log`, a progress line every `log_every_s` seconds (ImageNet-sized fits take minutes). With
+  `mesh` (and `batch_size` a multiple of its size), each minibatch is split over its devices."""
   transform = transform or (lambda v: v)
   n = x.shape[0]
   y = np.asarray(y)
@@ -162,8 +212,14 @@ def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1
                  momentum=0.9)
   params = init_params(x.shape[1], num_classes)
   opt_state = tx.init(params)
+  mesh = mesh if mesh is not None and mesh.size > 1 and batch_size % mesh.size == 0 else None
+  place, jit_kw = (lambda v: v), {}
+  if mesh is not None:
+    params, opt_state = replicate(jax.device_get((params, opt_state)), mesh)
+    place = functools.partial(put_rows, mesh=mesh)
+    jit_kw = dict(out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-  @jax.jit
+  @functools.partial(jax.jit, **jit_kw)
   def step(params, opt_state, xb, yb):
     grads = jax.grad(objective)(params, xb, yb, l2)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -176,13 +232,14 @@ def fit_sgd(x, y, l2, *, num_classes: int, epochs: int = 30, batch_size: int = 1
     order = rng.permutation(n)
     for s in range(steps_per_epoch):
       idx = np.sort(order[s * batch_size:(s + 1) * batch_size])  # sorted: sequential reads
-      params, opt_state = step(params, opt_state, transform(x[idx]), y[idx])
+      params, opt_state = step(params, opt_state, place(transform(x[idx])), place(y[idx]))
       if log is not None and time.time() - last > log_every_s:
         last, done = time.time(), e * steps_per_epoch + s + 1
         log(f"  probe l2={l2:g} (SGD): epoch {e + 1}/{epochs}, step {done}/{total} "
             f"({(last - start) / done * (total - done):.0f}s left)")
+  params = jax.device_get(params)
   loss, grad_norm = full_objective(params, x, y, l2, transform, rows=rows)
-  return Fit(params=jax.device_get(params), iterations=epochs * steps_per_epoch,
+  return Fit(params=params, iterations=epochs * steps_per_epoch,
              final_loss=loss, grad_norm=grad_norm, converged=grad_norm <= tol)
 
 
@@ -245,15 +302,16 @@ class ProbeResult:
 
 
 def _fit_one(x, y, l2, *, num_classes, solver, max_iters, sgd_epochs, seed, weights=None,
-             transform=None, rows=CHUNK_ROWS, log=None):
+             transform=None, rows=CHUNK_ROWS, log=None, mesh=None):
   if solver == "lbfgs":
-    return fit_lbfgs(x, y, l2, num_classes=num_classes, max_iters=max_iters, weights=weights)
+    return fit_lbfgs(x, y, l2, num_classes=num_classes, max_iters=max_iters, weights=weights,
+                     mesh=mesh)
   if solver == "sgd":
     if weights is not None:
       keep = np.asarray(weights) > 0
       x, y = np.asarray(x)[keep], np.asarray(y)[keep]
     return fit_sgd(x, y, l2, num_classes=num_classes, epochs=sgd_epochs, seed=seed,
-                   transform=transform, rows=rows, log=log)
+                   transform=transform, rows=rows, log=log, mesh=mesh)
   raise ValueError(f"unknown probe solver {solver!r}; use 'lbfgs' or 'sgd'.")
 
 
@@ -285,7 +343,7 @@ def widen(grid: Sequence[float], best: float) -> list[float]:
 def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
                    l2_grid: Sequence[float], solver: str = "lbfgs", max_iters: int = 1000,
                    sgd_epochs: int = 30, seed: int = 0, log=None,
-                   max_host_bytes: float | None = None) -> ProbeResult:
+                   max_host_bytes: float | None = None, mesh=None) -> ProbeResult:
   """Standardises on train, fits one probe per L2 strength, picks the best on val, tests it.
 
   Each of train/val/test is (features [n, d], labels [n]); features may be memory maps of any
@@ -294,7 +352,8 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   reading and standardising one batch at a time (`solver` 'sgd', `streamed`). When the best
   strength is at an end of the grid, the grid is widened once by two decades on that side; a
   choice still at the edge is reported (`l2_at_edge`). Fits that stop at the iteration cap are
-  listed and, for the chosen one, warned about through `log`.
+  listed and, for the chosen one, warned about through `log`. With `mesh`, every fit splits
+  its examples over the mesh's devices.
   """
   _check_labels(train, val, test, num_classes)
   # Rows read at a time: a chunk's float64 statistics stay well inside the budget.
@@ -310,8 +369,10 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
       log(f"  the standardised training features (2 x {4 * np.prod(train[0].shape) / 2**30:.1f} "
           f"GiB) exceed the host budget ({max_host_bytes / 2**30:g} GiB, eval.max_host_gib): "
           "fitting by minibatch SGD over features read from disk")
-  else:
-    xtr, transform = jnp.asarray(scaler.apply(train[0])), None
+  else:  # on one device here, or split over the mesh's by each fit
+    xtr, transform = scaler.apply(train[0]), None
+    if mesh is None or mesh.size == 1:
+      xtr = jnp.asarray(xtr)
   ytr = np.asarray(train[1], np.int32)
   fits, by_l2 = {}, {}
 
@@ -319,7 +380,7 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
     for l2 in grid:
       fit = _fit_one(xtr, ytr, float(l2), num_classes=num_classes, solver=solver,
                      max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed, transform=transform,
-                     rows=rows, log=log)
+                     rows=rows, log=log, mesh=mesh)
       fits[float(l2)] = fit
       by_l2[float(l2)] = accuracy(fit.params, val[0], val[1], transform=scaler, rows=rows)
 
@@ -360,16 +421,17 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def fit_low_data(train: tuple, test: tuple, *, num_classes: int, l2_grid: Sequence[float],
                  folds: int = 5, solver: str = "lbfgs", max_iters: int = 1000,
-                 sgd_epochs: int = 30, seed: int = 0) -> dict:
+                 sgd_epochs: int = 30, seed: int = 0, mesh=None) -> dict:
   """A probe that sees only the labelled examples in `train`: L2 chosen by stratified k-fold
   cross-validation inside them (no other labels), then refit on all of them and tested.
 
   Standardisation statistics come from `train` alone too. Returns the test accuracy, the
-  chosen L2, the cross-validated accuracy per L2 and the final fit's convergence.
+  chosen L2, the cross-validated accuracy per L2 and the final fit's convergence. `mesh`: as
+  for `fit_and_select`.
   """
   _check_labels(train, train, test, num_classes)
   scaler = Standardizer.fit(train[0])
-  x = jnp.asarray(scaler.apply(train[0]))
+  x = scaler.apply(train[0])  # placed on the device(s) by each fit
   y = np.asarray(train[1], np.int32)
   k = int(min(folds, np.bincount(y, minlength=num_classes)[np.unique(y)].min()))
   if k < 2:
@@ -377,7 +439,7 @@ def fit_low_data(train: tuple, test: tuple, *, num_classes: int, l2_grid: Sequen
                      "its L2 by cross-validation; raise config.eval.low_data_per_class.")
   fold_of = stratified_folds(y, k, seed)
   kw = dict(num_classes=num_classes, solver=solver, max_iters=max_iters, sgd_epochs=sgd_epochs,
-            seed=seed)
+            seed=seed, mesh=mesh)
   cv = {}
   for l2 in l2_grid:
     accs = []

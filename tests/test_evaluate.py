@@ -168,6 +168,53 @@ def test_probe_streams_features_from_disk_within_the_host_budget(tmp_path):
   assert "epoch 2/2, step 8/8 (0s left)" in lines[-1], lines
 
 
+SHARDED_PROBE_SCRIPT = r"""
+import json
+import jax
+import numpy as np
+from igpt_jax import probe
+mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                     axis_types=(jax.sharding.AxisType.Auto,) * 3)  # as sharding.make_mesh
+rng = np.random.default_rng(0)
+n, d, k = 1999, 48, 10  # 1999 rows: padded to 2000 with weight-0 rows over 8 devices
+centers = rng.normal(size=(k, d))
+y = rng.integers(0, k, n + 1000).astype(np.int32)
+x = (centers[y] * 0.3 + rng.normal(size=(len(y), d))).astype(np.float32)
+tr, va, te = (x[:n], y[:n]), (x[n:n + 500], y[n:n + 500]), (x[n + 500:], y[n + 500:])
+xs, ys, ws = probe.on_devices(tr[0], tr[1], None, mesh)
+out = {"rows_per_device": sorted({s.data.shape[0] for s in xs.addressable_shards}),
+       "devices": len(xs.sharding.device_set), "padding_weight": float(np.asarray(ws)[n:].sum())}
+for name, m in (("one", None), ("mesh", mesh)):
+  r = probe.fit_and_select(tr, va, te, num_classes=k, l2_grid=(1e-3, 1e-2), mesh=m)
+  sgd = probe.fit_sgd(tr[0], tr[1], 1e-3, num_classes=k, epochs=2, batch_size=256, mesh=m)
+  low = probe.fit_low_data((tr[0][:200], tr[1][:200]), te, num_classes=k, l2_grid=(1e-2, 1e-1),
+                           folds=3, mesh=m)
+  out[name] = {"l2": r.l2, "val": r.val_acc, "test": r.test_acc, "w": r.params["w"].tolist(),
+               "iters": r.fit.iterations, "sgd_w": np.asarray(sgd.params["w"]).tolist(),
+               "low": low["test_acc"], "low_l2": low["l2"]}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_probe_splits_its_examples_over_the_mesh():
+  """With the evaluation mesh (8 fake CPU devices), the probe's features, labels and logits are
+  split by rows over every device (padded with weight-0 rows), L-BFGS, SGD and the low-data
+  probe give the one-device answer, and the results are replicated (readable by every process)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED_PROBE_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.loads(out.stdout.split("RESULT ", 1)[1])
+  assert r["devices"] == 8 and r["rows_per_device"] == [250] and r["padding_weight"] == 0.0
+  one, mesh = r["one"], r["mesh"]
+  assert one["l2"] == mesh["l2"] and one["low_l2"] == mesh["low_l2"]
+  assert abs(one["val"] - mesh["val"]) <= 0.004 and abs(one["test"] - mesh["test"]) <= 0.004
+  assert abs(one["low"] - mesh["low"]) <= 0.004 and one["test"] > 0.5
+  np.testing.assert_allclose(mesh["w"], one["w"], atol=1e-5)
+  np.testing.assert_allclose(mesh["sgd_w"], one["sgd_w"], atol=1e-5)
+
+
 KILL_SCRIPT = r"""
 import sys
 sys.path.insert(0, "tests")

@@ -128,7 +128,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 
 def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path):
   """`python -m igpt_jax.evaluate` as two processes (2 CPU devices each): each keeps its own
-  copy of the streamed features and the probe equals the one-process evaluation's."""
+  copy of the streamed features, the probe is fit across both processes' devices, and it
+  matches the one-process evaluation's."""
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   runs = {}
@@ -154,7 +155,11 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
     with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
       results[name] = json.load(f)
   for layer in ("2", "4"):
-    for key in ("val_acc", "test_acc", "l2"):
-      assert results["multi"]["layers"][layer][key] == results["single"]["layers"][layer][key]
+    multi, single = results["multi"]["layers"][layer], results["single"]["layers"][layer]
+    # The probe is split over the 4 devices of both runs; across processes its sums are added
+    # in another order, so a fit capped at its iterations can end a hair away: a few examples.
+    assert multi["l2"] == single["l2"]
+    for key in ("val_acc", "test_acc"):
+      assert abs(multi[key] - single[key]) <= 0.01, (layer, key, multi[key], single[key])
   copies = os.listdir(os.path.join(runs["multi"], "eval", "features"))
   assert sum(c.endswith(".process1") for c in copies) == 3  # train, validation and test

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,6 +77,18 @@ def tfds_dir() -> str:
   path = os.path.join(cache_dir(), "tfds")
   os.makedirs(path, exist_ok=True)
   return path
+
+
+def run_on_fake_devices(script: str, *args, tag: str, devices: int = 8,
+                        timeout: float = 600):
+  """Runs `script` (python -c, with `args`) in a fresh process that sees `devices` fake CPU
+  devices; returns the JSON it printed after `tag`."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))
+  out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.split(tag, 1)[1])
 
 
 def override(config, overrides: dict):

@@ -1,10 +1,6 @@
 """The attention kernels and the MLP's hand-written backward match the plain computation."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -12,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import run_on_fake_devices
 from igpt_jax import attention
 from igpt_jax import model as model_lib
 
@@ -209,12 +205,7 @@ print("ERRS", json.dumps(errs))
 @pytest.mark.parametrize("impl", ["blockwise", "splash"])
 def test_kernels_under_a_data_fsdp_tensor_mesh(impl):
   """8 fake devices, batch over data x fsdp and heads over tensor: shard_map path == dense."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=str(REPO / "tests"))
-  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, impl], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  errs = json.loads(out.stdout.split("ERRS", 1)[1])
+  errs = run_on_fake_devices(SHARDED_SCRIPT, impl, tag="ERRS", timeout=300)
   for causal in ("True", "False"):
     assert max(errs[causal]) < 1e-5, errs
     assert "tensor" in errs[causal + "_sharding"], errs

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from conftest import REPO
 from conftest import quickstart_config as quickstart
+from conftest import run_on_fake_devices
 from igpt_jax import config_lib
 from igpt_jax import eval_tasks
 from igpt_jax import features as features_lib
@@ -200,12 +201,7 @@ def test_probe_splits_its_examples_over_the_mesh():
   """With the evaluation mesh (8 fake CPU devices), the probe's features, labels and logits are
   split by rows over every device (padded with weight-0 rows), L-BFGS, SGD and the low-data
   probe give the one-device answer, and the results are replicated (readable by every process)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", SHARDED_PROBE_SCRIPT], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  r = json.loads(out.stdout.split("RESULT ", 1)[1])
+  r = run_on_fake_devices(SHARDED_PROBE_SCRIPT, tag="RESULT")
   assert r["devices"] == 8 and r["rows_per_device"] == [250] and r["padding_weight"] == 0.0
   one, mesh = r["one"], r["mesh"]
   assert one["l2"] == mesh["l2"] and one["low_l2"] == mesh["low_l2"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import run_on_fake_devices
 from conftest import tiny_config
 from igpt_jax import distributed
 from igpt_jax import model as model_lib
@@ -69,12 +70,7 @@ print("PLAN" + json.dumps(out))
 
 
 def test_memory_plan_compiles_on_fake_devices_and_sees_fsdp():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", PLAN_SCRIPT], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  plans = json.loads(out.stdout.split("PLAN", 1)[1])
+  plans = run_on_fake_devices(PLAN_SCRIPT, tag="PLAN")
   n = plans["data8"]["parameters"]
   assert n == 2 * (12 * 64 * 64 + 2 * 64) + 64 * 64 + 64 * 256 + 64 * 64 + 2 * 64 == 123_264
   # Replicated over `data`, each device holds every float32 parameter; FSDP over 8 holds ~1/8.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import run_on_fake_devices
 from igpt_jax import checkpointing
 from igpt_jax import flops
 from igpt_jax import train
@@ -167,13 +168,8 @@ def test_same_losses_on_one_and_eight_devices(cifar10_dir, tfds_dir, tmp_path, c
                         checkpoint_every_steps=3)
   train.train_and_evaluate(config, str(tmp_path / "single"))
   single = [r["loss"] for r in read_metrics(str(tmp_path / "single"))]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             PYTHONPATH=str(REPO / "tests"))
-  out = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, cifar10_dir, tfds_dir,
-                        str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  losses = json.loads(out.stdout.split("LOSSES", 1)[1])
+  losses = run_on_fake_devices(DATA_PARALLEL_SCRIPT, cifar10_dir, tfds_dir, tmp_path,
+                               tag="LOSSES")
   for name, values in losses.items():
     np.testing.assert_allclose(values, single, rtol=1e-5, err_msg=name)
 

@@ -30,6 +30,8 @@ def main():
   parser.add_argument("--evaluator", default="cifar10")
   parser.add_argument("--raw_pixels", type=float, default=None,
                       help="raw-pixel test accuracy to draw as a baseline (0-1)")
+  parser.add_argument("--target_points", type=float, default=None,
+                      help="with --raw_pixels: also draw raw pixels + this many points")
   parser.add_argument("--out", default="docs/probe_curve.png")
   args = parser.parse_args()
   prefix = f"probe/{args.evaluator}/layer"
@@ -53,6 +55,9 @@ def main():
     ax.plot(bpd, acc, "o-", lw=3 if l == best else 1, label=f"layer {l}")
   if args.raw_pixels is not None:
     ax.axhline(100 * args.raw_pixels, ls="--", c="gray", label="raw pixels")
+    if args.target_points is not None:
+      ax.axhline(100 * args.raw_pixels + args.target_points, ls=":", c="gray",
+                 label=f"raw pixels + {args.target_points:g}")
   ax.invert_xaxis()
   ax.set_xlabel("validation bits/dim (training goes right to left)")
   ax.set_ylabel("linear probe test accuracy (%)")

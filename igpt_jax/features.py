@@ -158,8 +158,8 @@ class _Writer:
     self.features.flush()
     self.labels.flush()
     atomic.write_json(os.path.join(self.directory, "progress.json"),
-                {**self.done, "shape": list(self.shape), "dtype": self.dtype,
-                 "complete": self.done["rows"] == self.shape[0]})
+                      {**self.done, "shape": list(self.shape), "dtype": self.dtype,
+                       "complete": self.done["rows"] == self.shape[0]})
     self._last_flush, self._unflushed = time.time(), 0
 
   def close(self) -> None:

@@ -331,13 +331,16 @@ def _check_labels(train, val, test, num_classes):
 
 
 def widen(grid: Sequence[float], best: float) -> list[float]:
-  """The strengths one and two decades past the end of `grid` that `best` sits at."""
+  """The strengths one and two decades past the end of `grid` that `best` sits at, to 6
+  significant digits (1e-07, not 1.0000000000000001e-07, in the JSON and the logs)."""
   grid = sorted(grid)
   if best == grid[0] and best > 0:
-    return [grid[0] / 10, grid[0] / 100]
-  if best == grid[-1]:
-    return [grid[-1] * 10, grid[-1] * 100]
-  return []
+    factors = (0.1, 0.01)
+  elif best == grid[-1]:
+    factors = (10.0, 100.0)
+  else:
+    return []
+  return [float(f"{best * f:.6g}") for f in factors]
 
 
 def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,

@@ -93,6 +93,7 @@ def test_probe_widens_the_l2_grid_once_when_the_best_is_at_an_edge():
   assert r.l2 > 1e-5 and r.val_acc == max(r.val_acc_by_l2.values())
   assert r.l2_at_edge == (r.l2 == 1e-3) == any("edge of the swept grid" in m for m in logged)
   assert probe.widen([1e-3, 1e-2, 1e-1], 1e-2) == []
+  assert probe.widen([1e-5, 1e-4], 1e-5) == [1e-6, 1e-7]  # round decades, not 1.0000000000000001e-07
   assert probe.widen([0.0, 1e-2], 0.0) == []  # nothing weaker than no regularisation
 
 

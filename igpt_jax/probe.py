@@ -115,8 +115,12 @@ def put_rows(x, mesh) -> jax.Array:
   `mesh` (n a multiple of mesh.size). Every process passes the same `x` (each keeps its own copy
   of the features) and places only its devices' rows."""
   x = np.asarray(x)
-  sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.make_array_from_callback(x.shape, _rows(mesh), lambda index: x[index])
+
+
+def _rows(mesh) -> NamedSharding:
+  """Dimension 0 split over every axis of `mesh`."""
+  return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
 
 
 def replicate(tree, mesh):
@@ -130,11 +134,15 @@ def replicate(tree, mesh):
 def on_devices(x, y, weights, mesh=None):
   """(x, y, weights) ready for a full-batch fit: with a mesh of several devices, padded with
   weight-0 rows to a multiple of its size and split over it by rows (features, labels and
-  logits sharded, the gradient summed over devices); otherwise on the default device."""
+  logits sharded, the gradient summed over devices); otherwise on the default device. What
+  this returned passes through unchanged, so a caller fitting several times places once."""
   n = x.shape[0]
-  weights = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
   if mesh is None or mesh.size == 1:
-    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights)
+    weights = jnp.ones(n, jnp.float32) if weights is None else weights
+    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(weights, jnp.float32)
+  if isinstance(x, jax.Array) and x.sharding == _rows(mesh) and weights is not None:
+    return x, y, weights  # placed (and padded) by an earlier call
+  weights = np.ones(n, np.float32) if weights is None else np.asarray(weights, np.float32)
   pad = -n % mesh.size
   x, y = np.asarray(x, np.float32), np.asarray(y, np.int32)
   if pad:
@@ -372,18 +380,21 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
       log(f"  the standardised training features (2 x {4 * np.prod(train[0].shape) / 2**30:.1f} "
           f"GiB) exceed the host budget ({max_host_bytes / 2**30:g} GiB, eval.max_host_gib): "
           "fitting by minibatch SGD over features read from disk")
-  else:  # on one device here, or split over the mesh's by each fit
+  else:
     xtr, transform = scaler.apply(train[0]), None
-    if mesh is None or mesh.size == 1:
+  ytr, wtr = np.asarray(train[1], np.int32), None
+  if not streamed:  # on the device(s) once, for every strength's fit
+    if solver == "lbfgs":
+      xtr, ytr, wtr = on_devices(xtr, ytr, None, mesh)
+    elif mesh is None or mesh.size == 1:
       xtr = jnp.asarray(xtr)
-  ytr = np.asarray(train[1], np.int32)
   fits, by_l2 = {}, {}
 
   def sweep(grid):
     for l2 in grid:
       fit = _fit_one(xtr, ytr, float(l2), num_classes=num_classes, solver=solver,
                      max_iters=max_iters, sgd_epochs=sgd_epochs, seed=seed, transform=transform,
-                     rows=rows, log=log, mesh=mesh)
+                     rows=rows, log=log, mesh=mesh, weights=wtr)
       fits[float(l2)] = fit
       by_l2[float(l2)] = accuracy(fit.params, val[0], val[1], transform=scaler, rows=rows)
 

@@ -186,8 +186,12 @@ tr, va, te = (x[:n], y[:n]), (x[n:n + 500], y[n:n + 500]), (x[n + 500:], y[n + 5
 xs, ys, ws = probe.on_devices(tr[0], tr[1], None, mesh)
 out = {"rows_per_device": sorted({s.data.shape[0] for s in xs.addressable_shards}),
        "devices": len(xs.sharding.device_set), "padding_weight": float(np.asarray(ws)[n:].sum())}
+placed, put_rows = [], probe.put_rows
+probe.put_rows = lambda x, mesh: placed.append(len(x)) or put_rows(x, mesh)
 for name, m in (("one", None), ("mesh", mesh)):
+  placed.clear()
   r = probe.fit_and_select(tr, va, te, num_classes=k, l2_grid=(1e-3, 1e-2), mesh=m)
+  out[name + "_placed"] = list(placed)  # rows placed on the mesh by the whole L2 sweep
   sgd = probe.fit_sgd(tr[0], tr[1], 1e-3, num_classes=k, epochs=2, batch_size=256, mesh=m)
   low = probe.fit_low_data((tr[0][:200], tr[1][:200]), te, num_classes=k, l2_grid=(1e-2, 1e-1),
                            folds=3, mesh=m)
@@ -204,6 +208,7 @@ def test_probe_splits_its_examples_over_the_mesh():
   probe give the one-device answer, and the results are replicated (readable by every process)."""
   r = run_on_fake_devices(SHARDED_PROBE_SCRIPT, tag="RESULT")
   assert r["devices"] == 8 and r["rows_per_device"] == [250] and r["padding_weight"] == 0.0
+  assert r["one_placed"] == [] and r["mesh_placed"] == [2000, 2000, 2000]  # x, y, w once
   one, mesh = r["one"], r["mesh"]
   assert one["l2"] == mesh["l2"] and one["low_l2"] == mesh["low_l2"]
   assert abs(one["val"] - mesh["val"]) <= 0.004 and abs(one["test"] - mesh["test"]) <= 0.004

@@ -4,11 +4,12 @@ r"""The raw-pixel baseline of the linear probe on a whole dataset, with its conv
   python bench/raw_pixel_probe.py --dataset=/data/cifar10_jpeg --data_dir=/tmp/tfds  # a folder
 
 The baseline the paper's probes are read against: logistic regression on the standardised,
-flattened RGB pixels (3,072 features at 32x32), with `python -m igpt_jax.evaluate`'s defaults (the
-train split's tail `--holdout_fraction` held out to choose L2 on, `config.eval.probe_l2` swept and
-widened once at an edge, L-BFGS capped at `--max_iters`). Prints, for every L2, the validation
-accuracy, the iterations, the final gradient norm and whether the fit converged before its cap, and
-the chosen probe's test accuracy; `--out` writes the same as JSON.
+flattened RGB pixels (3,072 features at 32x32), fit by `probe.fit_and_select` with `python -m
+igpt_jax.evaluate`'s defaults (the train split's tail `--holdout_fraction` held out to choose L2
+on, `config.eval.probe_l2` swept and widened once at an edge, L-BFGS capped at `--max_iters`).
+Prints, for every L2 swept, the validation and test accuracy, the iterations, the final gradient
+norm and whether the fit converged before its cap, then the chosen probe; `--out` writes the same
+as JSON.
 """
 
 import argparse
@@ -42,41 +43,26 @@ def main():
   print(f"raw pixels of {args.dataset} at {args.image_size}x{args.image_size}: "
         + ", ".join(f"{s} {x.shape}" for s, (x, _) in zip(("train", "validation", "test"), splits))
         + f" ({time.time() - t0:.0f} s)", flush=True)
-  num_classes = source.num_classes
-  # One fit per strength, to report each one's convergence (fit_and_select keeps the chosen one).
-  scaler = probe.Standardizer.fit(splits[0][0])
-  xtr = scaler.apply(splits[0][0])
+  t0 = time.time()
+  r = probe.fit_and_select(*splits, num_classes=source.num_classes,
+                           l2_grid=tuple(config.eval.probe_l2), max_iters=max_iters)
+  scaler = probe.Standardizer.fit(splits[0][0])  # fit_and_select's, for each strength's test
   rows = []
-  grid = sorted(config.eval.probe_l2)
-  while True:
-    for l2 in grid:
-      if any(r["l2"] == l2 for r in rows):
-        continue
-      t0 = time.time()
-      fit = probe.fit_lbfgs(xtr, splits[0][1], l2, num_classes=num_classes, max_iters=max_iters)
-      row = {"l2": l2, "val_acc": probe.accuracy(fit.params, splits[1][0], splits[1][1], scaler),
-             "test_acc": probe.accuracy(fit.params, splits[2][0], splits[2][1], scaler),
-             "seconds": time.time() - t0, **fit.record()}
-      rows.append(row)
-      print(f"l2 {l2:<7g} val {row['val_acc']:.4f} test {row['test_acc']:.4f} | "
-            f"{fit.iterations} iterations, gradient norm {fit.grad_norm:.2g}, "
-            f"{'converged' if fit.converged else 'NOT converged (cap)'} | "
-            f"{row['seconds']:.0f} s", flush=True)
-    best = max(rows, key=lambda r: (r["val_acc"], r["l2"]))
-    extra = probe.widen([r["l2"] for r in rows], best["l2"])
-    if not extra or len(grid) > len(config.eval.probe_l2):
-      break
-    grid = sorted(grid + extra)  # widened once, as fit_and_select does
-  print(f"chosen l2 {best['l2']:g}: test accuracy {best['test_acc']:.4f}, "
-        f"{'converged' if best['converged'] else 'NOT converged'} "
-        f"({best['iterations']} iterations); "
-        f"{sum(not r['converged'] for r in rows)} of {len(rows)} fits hit the cap")
+  for l2, fit in sorted(r.fits.items()):
+    rows.append({"l2": l2, "val_acc": r.val_acc_by_l2[l2],
+                 "test_acc": probe.accuracy(fit.params, *splits[2], transform=scaler),
+                 **fit.record()})
+    print(f"l2 {l2:<7g} val {rows[-1]['val_acc']:.4f} test {rows[-1]['test_acc']:.4f} | "
+          f"{fit.iterations} iterations, gradient norm {fit.grad_norm:.2g}, "
+          f"{'converged' if fit.converged else 'NOT converged (cap)'}")
+  print(f"chosen l2 {r.l2:g}: test accuracy {r.test_acc:.4f}, "
+        f"{'converged' if r.fit.converged else 'NOT converged'} ({r.fit.iterations} "
+        f"iterations); {len(r.unconverged_l2)} of {len(r.fits)} fits hit the cap; "
+        f"{time.time() - t0:.0f} s")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"dataset": args.dataset, "image_size": args.image_size, "max_iters": max_iters,
-                 "num_train": len(splits[0][1]), "chosen_l2": best["l2"], "fits": rows},
-                f, indent=2)
-
+                 "num_train": len(splits[0][1]), "chosen_l2": r.l2, "fits": rows}, f, indent=2)
 
 if __name__ == "__main__":
   main()

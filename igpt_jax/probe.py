@@ -297,9 +297,14 @@ class ProbeResult:
   params: dict
   fit: Fit  # how the chosen probe's optimisation ended
   l2_at_edge: bool  # the chosen L2 is at an end of the (once widened) grid
-  unconverged_l2: list  # the strengths whose fit hit the iteration cap
+  fits: dict  # {l2: Fit} of every strength swept
   solver: str = "lbfgs"  # the solver that ran ("sgd" when the features had to be streamed)
   streamed: bool = False  # minibatches read from (disk-backed) features, not held in memory
+
+  @property
+  def unconverged_l2(self) -> list:
+    """The strengths whose fit hit the iteration cap."""
+    return sorted(l2 for l2, f in self.fits.items() if not f.converged)
 
   def record(self) -> dict:
     """The JSON-able summary: accuracies, the L2 choice and the chosen fit's convergence."""
@@ -418,9 +423,7 @@ def fit_and_select(train: tuple, val: tuple, test: tuple, *, num_classes: int,
   test_acc = accuracy(fit.params, test[0], test[1], transform=scaler, rows=rows)
   return ProbeResult(l2=best, val_acc=by_l2[best], test_acc=test_acc, val_acc_by_l2=by_l2,
                      params=jax.tree_util.tree_map(np.asarray, fit.params), fit=fit,
-                     l2_at_edge=at_edge,
-                     unconverged_l2=sorted(l2 for l2, f in fits.items() if not f.converged),
-                     solver=solver, streamed=streamed)
+                     l2_at_edge=at_edge, fits=fits, solver=solver, streamed=streamed)
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

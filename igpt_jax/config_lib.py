@@ -278,6 +278,13 @@ def _positive_int(c, field):
     _fail(field, value, "must be a positive integer.")
 
 
+def _crop_fraction(c, field, default=_REQUIRED):
+  value = get_field(c, field, default)
+  lo, hi = tuple(value)
+  if not 0.0 < lo <= hi <= 1.0:
+    _fail(field, value, "must be (lo, hi) with 0 < lo <= hi <= 1.")
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   """Fills the one -1 entry of config.mesh so the product is the device count."""
   sizes = [mesh_cfg[a] for a in MESH_AXES]
@@ -351,9 +358,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, platform: str | Non
     _fail("weight_decay", c.weight_decay, "must be >= 0 (the paper uses 0).")
   if c.grad_clip_norm < 0:
     _fail("grad_clip_norm", c.grad_clip_norm, "must be >= 0 (0 disables clipping).")
-  lo, hi = tuple(c.train_crop_fraction)
-  if not 0.0 < lo <= hi <= 1.0:
-    _fail("train_crop_fraction", c.train_crop_fraction, "must be (lo, hi) with 0 < lo <= hi <= 1.")
+  _crop_fraction(c, "train_crop_fraction")
   if isinstance(c.eval_batches, bool) or not isinstance(c.eval_batches, int) or (
       c.eval_batches == 0 or c.eval_batches < -1):
     _fail("eval_batches", c.eval_batches, "must be a positive integer or -1 (whole split).")
@@ -460,10 +465,7 @@ def _validate_eval(c) -> None:
   if not 0.0 < e.holdout_fraction < 1.0:
     _fail("eval.holdout_fraction", e.holdout_fraction,
           "must be in (0, 1): the probe chooses its L2 strength on that held-out part.")
-  lo, hi = tuple(e.get("finetune_crop_fraction", (1.0, 1.0)))
-  if not 0 < lo <= hi <= 1:
-    _fail("eval.finetune_crop_fraction", e.finetune_crop_fraction,
-          "must be (lo, hi) with 0 < lo <= hi <= 1.")
+  _crop_fraction(c, "eval.finetune_crop_fraction", (1.0, 1.0))
   pad = e.get("finetune_pad_crop", 0)
   if isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < c.image_size:
     _fail("eval.finetune_pad_crop", pad, f"must be an integer in [0, {c.image_size}).")

@@ -9,19 +9,11 @@ the best layer's as a thick line, with the raw-pixel baseline when given; prints
 """
 
 import argparse
-import json
 import os
 
 from matplotlib.figure import Figure
 
-
-def rows_by_step(workdir: str) -> dict:
-  rows = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      rows.setdefault(row["step"], {}).update(row)
-  return rows
+from igpt_jax import metric_writer
 
 
 def main():
@@ -35,7 +27,7 @@ def main():
   parser.add_argument("--out", default="docs/probe_curve.png")
   args = parser.parse_args()
   prefix = f"probe/{args.evaluator}/layer"
-  rows = {s: r for s, r in rows_by_step(args.workdir).items()
+  rows = {s: r for s, r in metric_writer.read(args.workdir).items()
           if "val_bits_per_dim" in r and any(k.startswith(prefix) for k in r)}
   steps = sorted(rows)
   layers = sorted({int(k[len(prefix):].split("/")[0]) for r in rows.values() for k in r

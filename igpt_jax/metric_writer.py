@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from igpt_jax import atomic
+
 
 class MetricWriter:
 
@@ -30,10 +32,7 @@ class MetricWriter:
     self._jsonl.close()
     with open(self._path) as f:
       rows = [line for line in f if line.strip() and _step_of(line) <= step]
-    tmp = self._path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(rows)
-    os.replace(tmp, self._path)
+    atomic.write_text(self._path, "".join(rows))
     self._jsonl = open(self._path, "a")
 
   def write(self, step: int, scalars: dict) -> None:
@@ -53,6 +52,13 @@ class MetricWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def read(workdir: str) -> dict:
+  """{step: row} of workdir/metrics.jsonl; a step logged twice (before a crash and after the
+  resume) keeps the last."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {row["step"]: row for row in map(json.loads, f)}
 
 
 def _step_of(line: str) -> int:

@@ -98,10 +98,9 @@ def override(config, overrides: dict):
 
 
 def metrics_by_step(workdir) -> dict:
-  """{step: row} of workdir/metrics.jsonl; a step logged twice (before a crash and after the
-  resume) keeps the last."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {row["step"]: row for row in map(json.loads, f)}
+  """{step: row} of workdir/metrics.jsonl (metric_writer.read)."""
+  from igpt_jax import metric_writer  # pylint: disable=g-import-not-at-top
+  return metric_writer.read(workdir)
 
 
 def wait_for_logged_steps(workdir, count: int, procs, timeout: float = 240) -> None:

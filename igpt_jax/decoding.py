@@ -1,9 +1,11 @@
 """Sampling and completion: a key/value-cached decoder, the naive reference, and BERT infilling.
 
-Next-pixel models (`sample`): one jitted `fori_loop` over positions; each step feeds the
-previous pixel through the model in decode mode, which reads and extends a per-layer key/value
-cache, so a pixel costs one position's worth of compute instead of a full forward pass. The first
-`prefix_len` pixels are copied from `prefix` (completions) instead of drawn.
+Next-pixel models (`sample`): one jitted program; each step feeds the previous pixel through
+`kv_cache.decode` over a key/value cache of the positions before it, so a pixel costs one
+position's worth of compute instead of a full forward pass. Positions go in blocks, each a `fori_loop`
+whose attention reads only the cache rows filled by the end of the block, so a step's cost
+grows with its position. The first `prefix_len` pixels are copied from `prefix` (completions)
+instead of drawn; whole blocks of them fill the cache in one pass.
 
 `sample_naive` is the original release's sampler: a full forward pass over the whole sequence
 for every pixel. It is kept as the reference the cached sampler is tested and benchmarked
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from igpt_jax import errors
+from igpt_jax import kv_cache
 from igpt_jax import model as model_lib
 
 
@@ -83,28 +86,62 @@ def choose(rng, logits, cfg: SamplingConfig):
   return jax.random.categorical(rng, filter_logits(logits, cfg)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "prefix_len", "cfg"))
+def default_block(seq_len: int) -> int:
+  """Positions per decoding block: 16 blocks (8 below 32x32), none shorter than 32 positions."""
+  blocks = 16 if seq_len >= 1024 else 8
+  return max(min(seq_len, 32), -(-seq_len // blocks))
+
+
+def draw_block(model_cfg, params, rng, carry, lo: int, hi: int, *, prefix_len: int,
+               cfg: SamplingConfig):
+  """Draws positions lo..hi-1 (copies those before `prefix_len`), one step each, attending to
+  the first `hi` cache rows.
+
+  carry: (tokens [batch, seq_len], cache, pending): `pending` holds the keys and values of
+  position lo-1, not yet in the cache; each step writes them first, then decodes its own.
+  """
+  def body(i, carry):
+    tokens, cache, pending = carry
+    cache = kv_cache.write(cache, pending, jnp.maximum(i - 1, 0))
+    prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(i - 1, 0), 1, axis=1)
+    logits, pending = kv_cache.decode(params, model_cfg, cache, prev, i, span=hi)
+    drawn = choose(jax.random.fold_in(rng, i), logits[:, 0], cfg)
+    token = jnp.where(i < prefix_len, tokens[:, i], drawn)
+    return tokens.at[:, i].set(token), cache, pending
+
+  return jax.lax.fori_loop(lo, hi, body, carry)
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "prefix_len", "cfg", "block"))
 def sample(model_cfg: model_lib.ModelConfig, params, rng, prefix, *, prefix_len: int = 0,
-           cfg: SamplingConfig = SamplingConfig()):
-  """Next-pixel sampling with a key/value cache.
+           cfg: SamplingConfig = SamplingConfig(), block: int = 0):
+  """Next-pixel sampling with a key/value cache (`igpt_jax.kv_cache`).
 
   prefix: int32 [batch, seq_len]; its first `prefix_len` pixels are kept, the rest are drawn
   (their values in `prefix` are ignored). Returns int32 [batch, seq_len].
+
+  Positions are decoded in blocks of `block` (0: `default_block`); a step in block b attends
+  to the first (b+1)·block cache rows only, so early pixels cost less than late ones. Whole
+  blocks inside the prefix are written to the cache in one pass each, not a pixel at a time.
   """
-  decoder = model_lib.IGPT(dataclasses.replace(model_cfg, decode=True))
+  if not model_cfg.causal:
+    raise ValueError("cached sampling needs a next-pixel (causal) model; masked-pixel models "
+                     "are sampled by iterative infilling (igpt_jax.decoding.infill).")
   batch, seq_len = prefix.shape
-
-  def body(i, carry):
-    tokens, cache = carry
-    prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(i - 1, 0), 1, axis=1)
-    logits, mutated = decoder.apply({"params": params, "cache": cache}, prev,
-                                    mutable=["cache"])
-    drawn = choose(jax.random.fold_in(rng, i), logits[:, 0], cfg)
-    token = jnp.where(i < prefix_len, tokens[:, i], drawn)
-    return tokens.at[:, i].set(token), mutated["cache"]
-
-  cache = model_lib.init_cache(model_cfg, batch)
-  tokens, _ = jax.lax.fori_loop(0, seq_len, body, (prefix.astype(jnp.int32), cache))
+  block = block or default_block(seq_len)
+  tokens = prefix.astype(jnp.int32)
+  cache = kv_cache.empty(model_cfg, batch)
+  pending = kv_cache.empty_rows(model_cfg, batch)  # keys and values not yet in the cache
+  for lo in range(0, seq_len, block):
+    hi = min(seq_len, lo + block)
+    if hi <= prefix_len:  # the whole block is given: its keys and values in one pass.
+      prev = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), tokens[:, :seq_len - 1]], 1)
+      _, rows = kv_cache.decode(params, model_cfg, cache, prev[:, lo:hi], lo, span=lo)
+      cache = kv_cache.write(cache, rows, lo)
+      pending = kv_cache.Cache(*(x[:, :, :, -1:] for x in rows))  # written again: harmless
+    else:
+      tokens, cache, pending = draw_block(model_cfg, params, rng, (tokens, cache, pending), lo,
+                                          hi, prefix_len=prefix_len, cfg=cfg)
   return tokens
 
 

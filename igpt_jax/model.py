@@ -49,9 +49,6 @@ class ModelConfig:
   # Layers unrolled per iteration of the layer scan (1: a loop; num_layers: straight-line code,
   # which `igpt_jax.plan` compiles so that XLA's cost analysis counts every layer).
   scan_unroll: int = 1
-  # Autoregressive decoding, one position per call, with a key/value cache in the `cache`
-  # collection (see `IGPT`). Parameters are the same as without it.
-  decode: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -97,16 +94,21 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+def rms_norm(x, g):
+  """iGPT norm: x * rsqrt(mean(x^2) + eps) * g. Gain only, computed in float32, x's dtype out."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + NORM_EPS)
+  return (y * g).astype(x.dtype)
+
+
 class Norm(nn.Module):
-  """iGPT norm: x * rsqrt(mean(x^2) + eps) * g. Gain only, computed in float32."""
+  """`rms_norm` with its gain as a parameter."""
 
   @nn.compact
   def __call__(self, x):
     g = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                    (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + NORM_EPS)
-    return (y * g).astype(x.dtype)
+    return rms_norm(x, g)
 
 
 class Attention(nn.Module):
@@ -125,36 +127,12 @@ class Attention(nn.Module):
       return constrain(jnp.einsum("bld,dhk->blhk", x.astype(dtype), w.astype(dtype)), heads)
 
     q, k, v = project("query"), project("key"), project("value")
-    if cfg.decode:
-      k, v, mask = self._update_cache(k, v)
-      out = attention_lib.dense(q, k, v, mask)
-    else:
-      out = attention_lib.attention(q, k, v, causal=cfg.causal, impl=cfg.attention,
-                                    block=cfg.attention_block)
+    out = attention_lib.attention(q, k, v, causal=cfg.causal, impl=cfg.attention,
+                                  block=cfg.attention_block)
     out_std = 1.0 / math.sqrt(cfg.width * cfg.num_layers)
     w_out = self.param("out", _init(out_std, ("heads", "kv", "embed")),
                        (cfg.num_heads, cfg.head_dim, cfg.width), jnp.float32)
     return jnp.einsum("blhk,hkd->bld", out, w_out.astype(dtype))
-
-  def _update_cache(self, k, v):
-    """Writes this position's k, v [batch, 1, heads, head_dim] into the cache.
-
-    Returns the whole cached k and v [batch, seq_len, heads, head_dim] and the mask [1, seq_len]
-    of the positions written so far (this one included).
-    """
-    cfg = self.cfg
-    shape = (k.shape[0], cfg.seq_len, cfg.num_heads, cfg.head_dim)
-    cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
-    cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    i = index.value
-    names = ("act_batch", None, "act_heads", None)
-    for cached, new in ((cached_k, k), (cached_v, v)):
-      cached.value = constrain(jax.lax.dynamic_update_slice(cached.value, new, (0, i, 0, 0)),
-                               names)
-    index.value = i + 1
-    mask = (jnp.arange(cfg.seq_len) <= i)[None, :]
-    return cached_k.value, cached_v.value, mask
 
 
 @jax.custom_vjp
@@ -266,11 +244,8 @@ class IGPT(nn.Module):
   through block 1's `ln_1`, row l the stream after block l through block l+1's `ln_1`, the last
   row the final stream through `ln_f`.
 
-  Decoding (`cfg.decode`, next-pixel only): `tokens` [batch, 1] is the pixel at the previous
-  position (ignored at position 0, where `sos` is the input) and the call returns the logits
-  [batch, 1, vocab] of the next position, reading and extending the key/value cache in the
-  mutable `cache` collection: `apply({"params": p, "cache": c}, t, mutable=["cache"])`. An empty
-  cache comes from `init_cache`.
+  Sampling decodes with the same parameters over an explicit key/value cache
+  (`igpt_jax.kv_cache`), one position per step.
   """
 
   cfg: ModelConfig
@@ -283,8 +258,6 @@ class IGPT(nn.Module):
     batch, length = tokens.shape
     wte = self.param("wte", _init(0.02, ("vocab", "embed")), (cfg.vocab_size, cfg.width))
     wpe = self.param("wpe", _init(0.01, ("length", "embed")), (cfg.seq_len, cfg.width))
-    if cfg.decode:
-      return self._decode(tokens, wte, wpe)
     h = jnp.take(wte, tokens, axis=0)  # [batch, length, embed]
     if cfg.causal:
       sos = self.param("sos", _init(0.02, ("embed",)), (cfg.width,))
@@ -302,24 +275,11 @@ class IGPT(nn.Module):
       return feats
     return self._logits(h), feats
 
-  def _decode(self, prev_tokens, wte, wpe):
-    cfg = self.cfg
-    if not cfg.causal:
-      raise ValueError("decode=True needs a next-pixel (causal) model; masked-pixel models are "
-                       "sampled by iterative infilling (igpt_jax.decoding.infill).")
-    index = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
-    i = index.value
-    index.value = i + 1
-    sos = self.param("sos", _init(0.02, ("embed",)), (cfg.width,))
-    h = jnp.where(i == 0, sos, jnp.take(wte, prev_tokens[:, :1], axis=0))  # [batch, 1, embed]
-    h = (h + jax.lax.dynamic_slice_in_dim(wpe, i, 1)[None]).astype(cfg.compute_dtype)
-    return self._head(self._blocks(constrain(h, ("act_batch", None, "act_embed"))))
-
   def _blocks(self, h, pool: bool = False):
     cfg = self.cfg
     blocks = nn.scan(
         _remat_block(cfg.remat_policy),
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0},
         split_rngs={"params": True},
         length=cfg.num_layers,
         unroll=cfg.scan_unroll,
@@ -336,17 +296,13 @@ class IGPT(nn.Module):
     wtet = self.param("wtet", nn.with_logical_partitioning(nn.initializers.zeros,
                                                            ("vocab", "embed")),
                       (cfg.vocab_size, cfg.width))
-    logits = jnp.einsum("bld,vd->blv", h, wtet.astype(cfg.compute_dtype),
-                        preferred_element_type=jnp.float32)
-    return constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return logits_of(h, wtet, cfg.compute_dtype)
 
 
-def init_cache(cfg: ModelConfig, batch: int):
-  """An empty key/value cache for decoding `batch` images with a `decode=True` model."""
-  model = IGPT(dataclasses.replace(cfg, decode=True))
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((batch, 1), jnp.int32)))
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+def logits_of(h, wtet, dtype):
+  """The output head: normalised stream h [batch, length, embed] -> float32 logits."""
+  logits = jnp.einsum("bld,vd->blv", h, wtet.astype(dtype), preferred_element_type=jnp.float32)
+  return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
 def count_params(params) -> int:

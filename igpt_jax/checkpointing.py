@@ -7,9 +7,12 @@ palette and `config.json` live beside the checkpoints in `workdir`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 
 import jax
@@ -51,6 +54,21 @@ def save(mgr: ocp.CheckpointManager, step: int, state, next_index: int) -> None:
   mgr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave({"next_index": int(next_index)})))
+
+
+def save_failed(workdir: str, step: int, last_good, e: BaseException) -> errors.UserError:
+  """The error for a checkpoint that could not be written: what, where, how much space."""
+  where = os.path.join(os.path.abspath(workdir), "checkpoints")
+  try:
+    free = f"{shutil.disk_usage(workdir).free / 2**30:.1f} GiB free there"
+  except OSError:
+    free = "free space unknown"
+  kept = (f"the checkpoint of step {last_good} is kept" if last_good is not None
+          else "no earlier checkpoint exists")
+  return CheckpointError(
+      f"saving the checkpoint of step {step} to {where} failed ({failure_reason(e)}; {free}); "
+      f"training stopped and {kept}. Free disk space or fix the directory's permissions, then "
+      "rerun the same command to resume.")
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
@@ -116,6 +134,40 @@ DATA_DEFINING_FIELDS = ("dataset", "train_split", "holdout_fraction")
 
 class IncompatibleRunError(errors.UserError, ValueError):
   """The workdir holds a run that this config cannot continue or load."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str):
+  """Holds `workdir`'s writer lock (process 0 of a run): a second run on the same workdir
+  fails at once with a message naming the first. The lock is the operating system's (flock),
+  so it goes with the process that held it: a killed run leaves no stale lock behind. (On a
+  network file system without flock support, the check is as good as that file system's.)"""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  handle = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      handle.seek(0)
+      holder = handle.read().strip() or "another process"
+      raise errors.UserError(
+          f"--workdir={workdir} is in use by another run ({holder}); two runs writing one "
+          "workdir would overwrite each other's checkpoints and metrics. Wait for that run to "
+          "end or stop it (it resumes from its checkpoints), or pass another --workdir.") from e
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the lock
 
 
 def check_workdir(workdir: str, *, write: bool) -> None:

@@ -74,8 +74,19 @@ def parse_flags(argv):
 
 
 def run(main) -> None:
-  """`app.run(main)` for the tools: flag and config-file mistakes exit with status 2."""
-  app.run(main, flags_parser=parse_flags)
+  """`app.run(main)` for the tools: flag and config-file mistakes exit with status 2, and a
+  Ctrl-C that reaches the tool (training handles its first one itself) exits with status 130
+  and one line instead of a traceback."""
+
+  def main_or_interrupted(argv):
+    try:
+      main(argv)
+    except KeyboardInterrupt:
+      print("error: interrupted (Ctrl-C); rerun the same command to resume or redo the "
+            "interrupted work.", file=sys.stderr, flush=True)
+      sys.exit(errors.INTERRUPTED_EXIT_CODE)
+
+  app.run(main_or_interrupted, flags_parser=parse_flags)
 
 
 def start(argv, flag_values) -> None:

@@ -17,3 +17,6 @@ class MissingError(UserError, FileNotFoundError):
 
 class FlagError(UserError, ValueError):
   """A command-line flag has a value that cannot work."""
+
+
+INTERRUPTED_EXIT_CODE = 130  # a tool stopped by Ctrl-C (SIGINT) exits with it, as shells report

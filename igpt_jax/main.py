@@ -6,7 +6,9 @@ r"""Trains an iGPT model.
 Any config field can be overridden with --config.<field>=<value>. Training resumes from the
 latest checkpoint in DIR/checkpoints that restores (damaged ones are skipped and moved to
 DIR/corrupt_checkpoints), exactly where it stopped: the data stream included. On SIGTERM it
-finishes the step, checkpoints and exits with status 42; rerun the same command to resume.
+finishes the step, checkpoints and exits with status 42; on Ctrl-C (SIGINT) the same, with
+status 130 (a second Ctrl-C stops at once); rerun the same command to resume. One run at a
+time writes a workdir: a second one started on it exits with status 2.
 Library INFO logs (orbax, absl) are hidden unless --verbosity=0 is given.
 """
 
@@ -32,7 +34,7 @@ def main(argv):
     cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:
     print(f"igpt_jax: {e}", flush=True)
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -18,6 +19,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
+from igpt_jax import errors
 from igpt_jax import eval_tasks
 from igpt_jax import flops
 from igpt_jax import image_grid
@@ -150,33 +152,46 @@ PREEMPTED_EXIT_CODE = 42  # `python -m igpt_jax.main` exits with it after a pree
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM (or a preemption notice) after checkpointing `step`."""
+  """Training stopped on SIGTERM or SIGINT (or a preemption notice) after checkpointing
+  `step`; `interrupted` when it was a Ctrl-C."""
 
-  def __init__(self, step: int):
-    super().__init__(f"preempted: checkpoint saved at step {step}; rerun the same command to "
+  def __init__(self, step: int, interrupted: bool = False):
+    why = "interrupted (Ctrl-C)" if interrupted else "preempted"
+    super().__init__(f"{why}: checkpoint saved at step {step}; rerun the same command to "
                      "resume from it.")
     self.step = step
+    self.interrupted = interrupted
+    self.exit_code = errors.INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
 
 
 class _StopFlag:
-  """Set by SIGTERM; the loop finishes the current step, checkpoints and stops."""
+  """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop finishes the current step,
+  checkpoints and stops. A second Ctrl-C stops at once (Python's KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.interrupted = False
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
     self.requested = True
+    if signum == signal.SIGINT:
+      self.interrupted = True
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one stops at once
+      print("igpt_jax: Ctrl-C: finishing this step, then checkpointing and stopping (press "
+            "Ctrl-C again to stop at once, losing the steps since the last checkpoint).",
+            file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
   def should_stop(self, mgr, step: int, every: int) -> bool:
     """Whether to checkpoint and stop after `step`.
@@ -195,6 +210,25 @@ class _StopFlag:
     if jax.process_count() > 1:  # every process stops at the same step
       stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
     return stop
+
+
+def _save(mgr, workdir: str, step: int, state, next_index: int, last_good) -> None:
+  """Saves a checkpoint; a save that fails (this one, or the previous asynchronous one) stops
+  training with one message, keeping the checkpoints already written."""
+  try:
+    mgr.check_for_errors()  # the previous save, still being written in the background
+    checkpointing.save(mgr, step, state, next_index)
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpointing.save_failed(workdir, step, last_good, e) from e
+
+
+def _wait_saved(mgr, workdir: str, step: int, last_good) -> None:
+  """Waits for the asynchronous save of `step`; a failure stops with `save_failed`'s message."""
+  try:
+    mgr.wait_until_finished()
+    mgr.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpointing.save_failed(workdir, step, last_good, e) from e
 
 
 def _check_finite(fetched: list, first_step: int, config, skipped_so_far: int) -> int:
@@ -247,6 +281,11 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
 
 def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]:
   checkpointing.check_workdir(workdir, write=True)
+  with checkpointing.exclusive(workdir):
+    return _start_and_train_locked(config, workdir, stop_flag)
+
+
+def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState, dict]:
   checkpointing.check_compatible(workdir, config, data=True)
   trainer = Trainer(config, workdir)
   c = config
@@ -276,7 +315,10 @@ def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]
   try:
     return _train_loop(trainer, mgr, writer, stop_flag)
   finally:
-    mgr.wait_until_finished()  # a pending async save completes even when the loop raised
+    try:  # a pending async save completes even when the loop raised
+      mgr.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass  # the loop's own error (or `_wait_saved`'s, which names this one) is the one to see
     writer.close()
     mgr.close()
 
@@ -291,6 +333,11 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
     log(f"Resumed from checkpoint at step {latest}.")
     log(f"Data position: example {start_index:,} of the training stream.")
   start = int(jax.device_get(state.step))
+  if start > c.total_steps:
+    raise errors.UserError(
+        f"the latest checkpoint is at step {start}, past config.total_steps={c.total_steps}: "
+        "nothing would be trained. Pass --config.total_steps above it to train further, or "
+        "another --workdir to start afresh.")
   writer.forget_after(start)
 
   # Exact resume: the stream is read by index from the saved position, at a cost that does
@@ -301,7 +348,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       process_count=jax.process_count())
 
   pending, t_last, t0, step = [], time.time(), time.time(), start
-  last, skipped, saved_step = {}, 0, latest
+  last, skipped, saved_step, good_before = {}, 0, latest, latest
   evaluators = {}  # the in-training evaluators, built at their first step and kept
   for step in range(start + 1, c.total_steps + 1):
     state, metrics = trainer.train_step(state, next(data))
@@ -319,6 +366,9 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       last["tokens_per_sec"] = len(pending) * c.batch_size * seq_len / max(now - t_last, 1e-9)
       last.update(throughput(last["tokens_per_sec"], trainer.flops_per_token, c))
       pending, t_last = [], now
+      if checkpoint_now and saved_step != step:  # before evaluations, which may fail or stall
+        _save(mgr, workdir, step, state, start_index + (step - start) * c.batch_size, saved_step)
+        good_before, saved_step = saved_step, step
       if step % c.eval_every_steps == 0 or is_last:
         val = trainer.run.evaluate(state.params, "validation", c.eval_batches)
         if val is not None:  # None: no validation split (said at start-up)
@@ -336,14 +386,13 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
           f"{last['bits_per_dim']:.4f}{val_txt}{skip_txt} | {last['tokens_per_sec']:,.0f} "
           f"tokens/s | {last['model_tflops_per_device']:.3g} TFLOP/s/device{mfu_txt} | "
           f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-    if checkpoint_now and saved_step != step:
-      checkpointing.save(mgr, step, state, start_index + (step - start) * c.batch_size)
-      saved_step = step
     if preempted and not is_last:
-      mgr.wait_until_finished()
-      log(f"Stop requested (SIGTERM or preemption notice): checkpoint saved at step {step}.")
-      raise Preempted(step)
+      _wait_saved(mgr, workdir, step, good_before)
+      log(f"Stop requested ({'Ctrl-C' if stop_flag.interrupted else 'SIGTERM or preemption notice'}"
+          f"): checkpoint saved at step {step}.")
+      raise Preempted(step, interrupted=stop_flag.interrupted)
 
+  _wait_saved(mgr, workdir, step, good_before)
   result = dict(last, step=int(step))
   if c.num_samples > 0:
     samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,

@@ -18,6 +18,7 @@ from conftest import metrics_by_step
 from conftest import quickstart_config
 from conftest import wait_for_logged_steps
 from igpt_jax import checkpointing
+from igpt_jax import errors
 from igpt_jax import input_pipeline
 from igpt_jax import train
 
@@ -310,3 +311,79 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
   for x, y in zip(jax.tree_util.tree_leaves(restore_params(straight, 60)),
                   jax.tree_util.tree_leaves(restore_params(soaked, 60))):
     np.testing.assert_array_equal(x, y)
+
+
+# --- Ctrl-C, one writer per workdir, failed saves ------------------------------------------
+
+def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_path):
+  """SIGINT mid-training: the step finishes, a checkpoint is written at it, exit 130 with one
+  line; resuming gives the losses of an uninterrupted run. Meanwhile a second run started on
+  the same workdir exits 2 at once, naming the first, and changes none of its files."""
+  straight, victim_dir = str(tmp_path / "straight"), str(tmp_path / "victim")
+  args = ["--config.total_steps=16", "--config.checkpoint_every_steps=100",
+          "--config.eval_every_steps=16"]
+  ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  victim = subprocess.Popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_logged_steps(victim_dir, 2, [victim])
+  second = subprocess.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert second.returncode == 2, second.stderr[-2000:]
+  assert "is in use by another run (pid " in second.stderr
+  assert f"pid {victim.pid} " in second.stderr and "Traceback" not in second.stderr
+  assert victim.poll() is None  # the first run is untouched
+  victim.send_signal(signal.SIGINT)
+  stdout, stderr = victim.communicate(timeout=120)
+  assert victim.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr
+  saved = [int(s) for s in os.listdir(os.path.join(victim_dir, "checkpoints"))]
+  assert len(saved) == 1 and 2 <= saved[0] < 16, saved
+  assert f"interrupted (Ctrl-C): checkpoint saved at step {saved[0]}" in stdout
+  assert sorted(metrics_by_step(victim_dir)) == list(range(1, saved[0] + 1))
+  out = subprocess.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resumed from checkpoint at step {saved[0]}." in out.stdout
+  assert ref.wait(timeout=300) == 0
+  a, b = metrics_by_step(straight), metrics_by_step(victim_dir)
+  assert sorted(a) == sorted(b) == list(range(1, 17))
+  for step in range(1, 17):
+    assert a[step]["loss"] == b[step]["loss"], step
+
+
+def test_workdir_lock_is_exclusive_and_released(tmp_path):
+  with checkpointing.exclusive(str(tmp_path)):
+    with pytest.raises(errors.UserError, match=f"in use by another run \\(pid {os.getpid()} "):
+      with checkpointing.exclusive(str(tmp_path)):
+        pass
+  with checkpointing.exclusive(str(tmp_path)):  # released on exit: taken again
+    pass
+
+
+def test_failed_save_stops_training_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = quickstart_config(total_steps=6, checkpoint_every_steps=2, eval_every_steps=6,
+                             log_every_steps=2, warmup_steps=2)
+  real_save = checkpointing.save
+
+  def save(mgr, step, state, next_index):
+    if step >= 4:
+      raise OSError(28, "No space left on device")
+    real_save(mgr, step, state, next_index)
+
+  monkeypatch.setattr(checkpointing, "save", save)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="saving the checkpoint of step 4 .* failed .*No space left on device"
+                           ".*GiB free there.*the checkpoint of step 2 is kept"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  assert max(metrics_by_step(workdir)) <= 4  # no step after the failed save was trained
+
+
+def test_total_steps_below_the_checkpoint_is_refused(trained_quickstart, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_quickstart, workdir)
+  with pytest.raises(errors.UserError, match="latest checkpoint is at step 120, past "
+                                             "config.total_steps=60"):
+    train.train_and_evaluate(quickstart_config(total_steps=60), workdir)

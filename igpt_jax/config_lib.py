@@ -10,6 +10,7 @@ import math
 from typing import Optional
 
 import ml_collections
+import numpy as np
 
 from igpt_jax import errors
 
@@ -457,6 +458,31 @@ def _validate_evals(c) -> None:
       raise ConfigError(f"in config.evals.{name}: {e}") from e
 
 
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+  """'auto' | 'all' | '0,12,24' -> sorted layer indices in [0, num_layers].
+
+  'auto' is every layer for models of up to 12 layers, otherwise 8 layers spread over the depth
+  with the middle one included (where the paper finds the best features).
+  """
+  spec = str(spec).strip().lower()
+  if spec == "all":
+    return list(range(num_layers + 1))
+  if spec in ("", "auto"):
+    if num_layers <= 12:
+      return list(range(1, num_layers + 1))
+    spread = np.rint(np.linspace(1, num_layers, 8)).astype(int).tolist()
+    return sorted(set(spread) | {num_layers // 2})
+  try:
+    layers = sorted({int(s) for s in spec.split(",") if s.strip()})
+  except ValueError:
+    layers = []
+  if not layers or layers[0] < 0 or layers[-1] > num_layers:
+    raise ConfigError(f"config.eval.layers={spec!r} must be 'auto', 'all' or comma-separated "
+                     f"layer indices in [0, {num_layers}] (0 = embeddings, {num_layers} = final "
+                     "normalised output).")
+  return layers
+
+
 def _validate_eval(c) -> None:
   e = c.eval
   tasks = eval_tasks(c)
@@ -500,6 +526,11 @@ def _validate_eval(c) -> None:
     _fail("eval.finetune_clf_weight", e.finetune_clf_weight, "must be >= 0.")
   if e.max_train_examples == 0 or e.max_train_examples < -1:
     _fail("eval.max_train_examples", e.max_train_examples, "must be positive or -1 (all).")
+  layers = parse_layers(e.layers, c.model.num_layers)
+  low = e.get("low_data_layer", -1)
+  if "low_data" in tasks and isinstance(low, int) and low >= 0 and low not in layers:
+    _fail("eval.low_data_layer", low, f"is not among the extracted layers {layers} "
+          "(config.eval.layers); add it there, or use -1 for the best of them.")
 
 
 def eval_data_config(c) -> ml_collections.ConfigDict:

@@ -96,7 +96,7 @@ class Evaluator:
           "need at least 2 (with one, every accuracy is trivially 100%). Evaluate on a labelled "
           "dataset (config.eval.dataset) or run only config.eval.tasks=bits_per_dim.")
     e = data_config.eval
-    self.layers = features_lib.parse_layers(e.layers, data_config.model.num_layers)
+    self.layers = config_lib.parse_layers(e.layers, data_config.model.num_layers)
     self._extractor = None
     self._features = {}
     self._raw_pixel = None  # the raw-pixel baseline's probe.Result, once fit
@@ -298,12 +298,21 @@ def run_in_training(config, workdir: str, params, step: int, *, last: bool = Fal
     c = in_training_config(config, name)
     out_dir = os.path.join(workdir, "evals", name, f"step{step}")
     t0 = time.time()
-    if name in evaluators:
-      ev = evaluators[name].at(params, step, out_dir)
-    else:
-      ev = evaluators[name] = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
-    for task in config_lib.eval_tasks(c):
-      metrics.update(metrics_of(name, task, getattr(ev, task)()))
+    try:
+      if name in evaluators:
+        ev = evaluators[name].at(params, step, out_dir)
+      else:
+        ev = evaluators[name] = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
+      for task in config_lib.eval_tasks(c):
+        metrics.update(metrics_of(name, task, getattr(ev, task)()))
+    except Exception as e:  # pylint: disable=broad-except
+      # Training goes on (its checkpoint of this step is already saved); the evaluator's
+      # problem is reported in one line.
+      reason = " ".join(str(e).split()) or type(e).__name__
+      log(f"  evaluator {name} failed at step {step} and was skipped ({type(e).__name__}: "
+          f"{reason}); training continues. Fix config.evals.{name} and evaluate this "
+          f"checkpoint with python -m igpt_jax.evaluate.")
+      continue
     # Every process drops its own copy (features.process_dir); on a shared file system the
     # first one to get there removes them all.
     shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)

@@ -22,31 +22,6 @@ from igpt_jax import input_pipeline
 from igpt_jax import sharding
 
 
-def parse_layers(spec: str, num_layers: int) -> list[int]:
-  """'auto' | 'all' | '0,12,24' -> sorted layer indices in [0, num_layers].
-
-  'auto' is every layer for models of up to 12 layers, otherwise 8 layers spread over the depth
-  with the middle one included (where the paper finds the best features).
-  """
-  spec = str(spec).strip().lower()
-  if spec == "all":
-    return list(range(num_layers + 1))
-  if spec in ("", "auto"):
-    if num_layers <= 12:
-      return list(range(1, num_layers + 1))
-    spread = np.rint(np.linspace(1, num_layers, 8)).astype(int).tolist()
-    return sorted(set(spread) | {num_layers // 2})
-  try:
-    layers = sorted({int(s) for s in spec.split(",") if s.strip()})
-  except ValueError:
-    layers = []
-  if not layers or layers[0] < 0 or layers[-1] > num_layers:
-    raise ValueError(f"config.eval.layers={spec!r} must be 'auto', 'all' or comma-separated "
-                     f"layer indices in [0, {num_layers}] (0 = embeddings, {num_layers} = final "
-                     "normalised output).")
-  return layers
-
-
 def make_extract_fn(model, layers: list[int]):
   """(params, tokens [b, l]) -> float32 features [b, len(layers), width]."""
   idx = np.asarray(layers)

@@ -91,6 +91,11 @@ def test_in_training_evaluators_are_validated():
       (dict(every_steps=0), r"evals.probe.every_steps=0: must be a positive"),
       (dict(every_steps=10, task="linear_probe"), r"\['task'\].*not config.eval fields"),
       (dict(every_steps=10, tasks="knn"), r"in config.evals.probe: config.eval.tasks='knn'"),
+      # Checked against the model before the first step, not at the first evaluation.
+      (dict(every_steps=10, layers="2,9"), r"in config.evals.probe: config.eval.layers='2,9' "
+                                           r"must be .* in \[0, 4\]"),
+      (dict(every_steps=10, tasks="low_data", layers="2,4", low_data_layer=3),
+       r"eval.low_data_layer=3: is not among the extracted layers \[2, 4\]"),
   ]:
     c.evals.probe = ml_collections.ConfigDict(bad)
     with pytest.raises(config_lib.ConfigError, match=message):

@@ -289,14 +289,14 @@ def test_per_class_subset():
 # --- features --------------------------------------------------------------------------------
 
 def test_parse_layers():
-  assert features_lib.parse_layers("auto", 4) == [1, 2, 3, 4]
-  assert features_lib.parse_layers("all", 2) == [0, 1, 2]
-  auto = features_lib.parse_layers("auto", 48)
+  assert config_lib.parse_layers("auto", 4) == [1, 2, 3, 4]
+  assert config_lib.parse_layers("all", 2) == [0, 1, 2]
+  auto = config_lib.parse_layers("auto", 48)
   assert len(auto) in (8, 9) and 24 in auto and auto[-1] == 48
-  assert features_lib.parse_layers("3, 1,3", 4) == [1, 3]
+  assert config_lib.parse_layers("3, 1,3", 4) == [1, 3]
   for bad in ("5", "-1", "x", ","):
     with pytest.raises(ValueError, match="config.eval.layers"):
-      features_lib.parse_layers(bad, 4)
+      config_lib.parse_layers(bad, 4)
 
 
 def test_features_are_pooled_normalised_inputs_of_the_next_block():
@@ -539,6 +539,25 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
     assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]
   assert (rows[20]["probe/digits/raw_pixel_test_acc"] == rows[40]["probe/digits/raw_pixel_test_acc"]
           == lp["raw_pixel_test_acc"])
+
+
+def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_path, capsys):
+  """An evaluator that fails at run time (here its dataset is missing) is reported in one line
+  and skipped; the checkpoint due at the same step is already written and training goes on."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  config = quickstart(total_steps=6, checkpoint_every_steps=3, log_every_steps=3,
+                      eval_every_steps=6, warmup_steps=2)
+  config.evals.broken = ml_collections.ConfigDict(dict(
+      every_steps=3, tasks="bits_per_dim", dataset=str(tmp_path / "no_such_folder")))
+  train.train_and_evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert "evaluator broken failed at step 3 and was skipped (MissingError: " in out
+  assert "evaluator broken failed at step 6" in out
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert sorted(metrics_by_step(workdir)) == [3, 6]
 
 
 def test_masked_pixel_predictions_average_a_mask_ensemble():

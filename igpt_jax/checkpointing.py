@@ -129,7 +129,8 @@ def save_config(workdir: str, config) -> None:
 
 # Fields that fix what a run trains on: resuming with other values is refused (the palette and
 # the data position belong to the old data) unless config.allow_data_change is set.
-DATA_DEFINING_FIELDS = ("dataset", "train_split", "holdout_fraction")
+# (palette_path: another palette gives the same tokens other colors.)
+DATA_DEFINING_FIELDS = ("dataset", "train_split", "holdout_fraction", "palette_path")
 
 
 class IncompatibleRunError(errors.UserError, ValueError):

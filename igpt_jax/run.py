@@ -220,6 +220,13 @@ class Run:
     cfg = cfg or decoding.SamplingConfig(temperature=self.config.sample_temperature)
     seq_len = self.model_cfg.seq_len
     prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
+    chunk = max(self.config.batch_size, 1)
+    if num > chunk:  # a batch's worth at a time: memory stays that of one batch
+      log(f"Sampling {num:,} images, {chunk} at a time ...")
+      return np.concatenate([
+          self.sample(params, len(prefix[i:i + chunk]), jax.random.fold_in(rng, i // chunk),
+                      prefix[i:i + chunk], prefix_len, cfg, per_step)
+          for i in range(0, num, chunk)])
     with sharding.use(self.mesh, self.config):
       if self.model_cfg.causal:
         tokens = decoding.sample(self.model_cfg, params, rng, jnp.asarray(prefix),

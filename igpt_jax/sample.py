@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from igpt_jax import checkpointing
 from igpt_jax import cli
 from igpt_jax import decoding
+from igpt_jax import errors
 from igpt_jax import image_grid
 from igpt_jax import input_pipeline
 from igpt_jax import run as run_lib
@@ -64,6 +65,10 @@ def half_masked(images: np.ndarray) -> np.ndarray:
 def run(config, workdir: str) -> list[str]:
   """Writes the requested samples into workdir/samples; returns the paths written."""
   checkpointing.check_compatible(workdir, config)
+  if FLAGS.top_k > config.palette_size:
+    raise errors.FlagError(f"--top_k={FLAGS.top_k} is more than the palette's "
+                           f"{config.palette_size} colors; pass --top_k <= "
+                           f"{config.palette_size} (0 keeps all).")
   trained = run_lib.Run(config, workdir)
   trained.centers  # pylint: disable=pointless-statement  # a run without a palette fails here
   params, step = trained.restore_params()  # parameters only: no optimizer state
@@ -77,6 +82,11 @@ def run(config, workdir: str) -> list[str]:
     grid = image_grid.grid(trained.to_images(tokens))
     stem = os.path.join(out_dir, f"unconditional_step{step}")
   else:
+    if trained.source.split_sizes[FLAGS.split] == 0:
+      raise errors.MissingError(
+          f"--split={FLAGS.split} holds no images in this run's data (config.holdout_fraction="
+          f"{config.holdout_fraction} leaves no validation split); pass --split=test or "
+          "--split=train.")
     batch = next(input_pipeline.eval_iterator(
         config, trained.source, trained.centers, FLAGS.split, local_batch=FLAGS.num,
         num_batches=1))

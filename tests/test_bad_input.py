@@ -16,6 +16,7 @@ from PIL import Image
 from conftest import REPO
 from conftest import metrics_by_step
 from conftest import quickstart_config
+from igpt_jax import checkpointing
 from igpt_jax import image_folder
 from igpt_jax import input_pipeline
 from igpt_jax import decoding
@@ -25,10 +26,13 @@ QUICKSTART = "--config=configs/quickstart.py"
 
 
 def snapshot(root) -> dict:
-  """{relative path: sha1} of every file under root."""
+  """{relative path: sha1} of every file under root (but the writer lock, which names the
+  latest process to hold it)."""
   out = {}
   for base, _, files in os.walk(root):
     for name in files:
+      if name == checkpointing.LOCK_FILE:
+        continue
       path = os.path.join(base, name)
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = hashlib.sha1(f.read()).hexdigest()
@@ -84,7 +88,7 @@ def bad_config_file(tmp_path):
 @pytest.mark.parametrize("case", [
     "unknown field", "unknown nested field", "missing config file", "config does not parse",
     "bad override value", "model changed", "dataset changed", "truncated config.json",
-    "palette wrong shape", "palette pickled objects",
+    "palette wrong shape", "palette pickled objects", "palette changed",
 ])
 def test_main_on_an_existing_run(run, tmp_path, case):
   """Each mistake against a trained run is refused before anything is written to it."""
@@ -122,12 +126,16 @@ def test_main_on_an_existing_run(run, tmp_path, case):
     expect = ["config.json is truncated or not JSON", "Restore it from a copy"]
   elif case == "palette wrong shape":
     np.save(tmp_path / "p.npy", np.zeros((3, 3), np.float32))
-    args.append(f"--config.palette_path={tmp_path / 'p.npy'}")
+    args += [f"--config.palette_path={tmp_path / 'p.npy'}", "--config.allow_data_change=True"]
     expect = ["p.npy holds a float32 array of shape (3, 3)", "(16, 3)"]
   elif case == "palette pickled objects":
     np.save(tmp_path / "p.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    args.append(f"--config.palette_path={tmp_path / 'p.npy'}")
+    args += [f"--config.palette_path={tmp_path / 'p.npy'}", "--config.allow_data_change=True"]
     expect = ["cannot read palette file", "p.npy", "Delete it to refit"]
+  elif case == "palette changed":
+    np.save(tmp_path / "p.npy", np.zeros((16, 3), np.float32))
+    args.append(f"--config.palette_path={tmp_path / 'p.npy'}")
+    expect = ["trained on other data", "palette_path: saved ''", "allow_data_change"]
   before = snapshot(workdir)
   try:
     out = cli("main", *args)
@@ -175,10 +183,13 @@ def test_main_corrupt_image_in_a_folder_is_named(tmp_path):
     ("--top_k=-5", "--top_k >= 0"), ("--split=bogus", "--split"),
     ("--temperature=0", "--temperature > 0"), ("--temperature=-1", "--greedy"),
     ("--top_p=0", "0 < --top_p <= 1"), ("--completions=0", "--completions must be a positive"),
+    ("--top_k=17", "--top_k=17 is more than the palette's 16 colors"),
+    ("--mode=complete --split=validation --config.holdout_fraction=0",
+     "--split=validation holds no images"),
 ])
 def test_sample_flags(run, flag, phrase):
   before = snapshot(run)
-  assert_user_error(cli("sample", QUICKSTART, f"--workdir={run}", flag), phrase)
+  assert_user_error(cli("sample", QUICKSTART, f"--workdir={run}", *flag.split()), phrase)
   assert snapshot(run) == before
 
 

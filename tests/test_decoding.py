@@ -226,3 +226,16 @@ def test_sample_cli_without_a_run_fails_clearly(tmp_path):
                         f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0 and "holds no trained run" in out.stderr
+
+
+def test_many_images_are_sampled_a_batch_at_a_time(trained_quickstart):
+  """More images than config.batch_size are drawn a batch at a time (the memory of one batch,
+  never an allocation for all of them), each batch from its own key."""
+  from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
+  from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  trained = run_lib.Run(quickstart_config(batch_size=4), trained_quickstart)
+  params, _ = trained.restore_params()
+  rng = jax.random.PRNGKey(0)
+  images = trained.sample(params, 10, rng)
+  assert images.shape == (10, 64) and images.max() < 16
+  np.testing.assert_array_equal(images[4:8], trained.sample(params, 4, jax.random.fold_in(rng, 1)))

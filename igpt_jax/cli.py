@@ -93,7 +93,8 @@ def start(argv, flag_values) -> None:
   """What every entry point does first: reject stray arguments, hide library INFO logs (unless
   --verbosity is given), join the multi-process job if there is one."""
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fail(errors.FlagError(f"unexpected arguments {' '.join(argv[1:])}: every input is a flag "
+                          "(--name=value). Pass --helpfull to see the flags."))
   if not flag_values["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   run_reporting_user_errors(initialize_distributed, flag_values)

@@ -11,6 +11,8 @@ Called once, before anything touches a device, by the command-line tools. Source
 
 On CPU the cross-process collectives use gloo. A process that dies is noticed by the others
 through the coordination service's heartbeat; `heartbeat_timeout_s` bounds how long they wait.
+Processes that never all arrive end start-up after `initialization_timeout_s`
+($IGPT_INIT_TIMEOUT_S, default 300) with one error line naming the address and process ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import sys
+import threading
 from typing import Optional
 
 import jax
@@ -53,7 +57,8 @@ def settings_from_env(**overrides) -> Settings:
   s = Settings(coordinator_address=os.environ.get("IGPT_COORDINATOR_ADDRESS") or None,
                num_processes=_env_int("IGPT_NUM_PROCESSES"),
                process_id=_env_int("IGPT_PROCESS_ID"),
-               heartbeat_timeout_s=_env_int("IGPT_HEARTBEAT_TIMEOUT_S") or 100)
+               heartbeat_timeout_s=_env_int("IGPT_HEARTBEAT_TIMEOUT_S") or 100,
+               initialization_timeout_s=_env_int("IGPT_INIT_TIMEOUT_S") or 300)
   return dataclasses.replace(s, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -81,6 +86,12 @@ def initialize_kwargs(settings: Settings) -> Optional[dict]:
     if not 0 <= settings.process_id < settings.num_processes:
       raise DistributedError(f"process_id={settings.process_id} must be in "
                        f"[0, num_processes={settings.num_processes}).")
+    host, _, port = settings.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+      raise DistributedError(
+          f"coordinator address {settings.coordinator_address!r} needs a port: give process "
+          "0's host:port, e.g. 10.0.0.2:1234 (--coordinator_address or "
+          "$IGPT_COORDINATOR_ADDRESS).")
     if settings.num_processes == 1:
       return None
     return dict(coordinator_address=settings.coordinator_address,
@@ -106,8 +117,39 @@ def initialize(settings: Optional[Settings] = None) -> None:
     return
   if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or not _has_accelerator():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  timeout = kwargs["initialization_timeout"]
+  # jax aborts the process (no exception) when the processes do not all arrive in time; this
+  # watchdog says why in one line first, and jax's own limit is set past it.
+  kwargs["initialization_timeout"] = timeout + 60
+  watchdog = threading.Timer(timeout, _give_up, (kwargs, timeout))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    where = ("the flags/$IGPT_* settings" if "coordinator_address" in kwargs else
+             "IGPT_DISTRIBUTED_AUTO=1, which needs a cluster jax detects (a TPU pod slice, a "
+             "SLURM job, ...)")
+    raise DistributedError(
+        f"multi-process start-up failed ({' '.join(str(e).split())[:300]}) with {where}. Unset "
+        "IGPT_DISTRIBUTED_AUTO off a cluster, or give --coordinator_address, --num_processes "
+        "and --process_id.") from e
+  finally:
+    watchdog.cancel()
   _initialized = True
+
+
+def _give_up(kwargs: dict, timeout: int) -> None:
+  if "coordinator_address" in kwargs:
+    who = (f"process {kwargs['process_id']} of {kwargs['num_processes']} waited {timeout} s at "
+           f"coordinator {kwargs['coordinator_address']}, and not every process (ids 0.."
+           f"{kwargs['num_processes'] - 1}) arrived")
+  else:
+    who = f"the processes of the detected cluster did not all arrive within {timeout} s"
+  print(f"error: DistributedError: {who}. Start every process with the same coordinator "
+        "address and its own id, check that process 0's host:port is reachable, or raise "
+        "$IGPT_INIT_TIMEOUT_S.", file=sys.stderr, flush=True)
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def _has_accelerator() -> bool:

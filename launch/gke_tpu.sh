@@ -37,14 +37,19 @@ USAGE
 
 NAME="${IGPT_JOB_NAME:-}"; TPU="${IGPT_TPU:-}"; TOPOLOGY="${IGPT_TOPOLOGY:-}"
 IMAGE="${IGPT_IMAGE:-}"; NAMESPACE="default"; MAX_RESTARTS=10; SPOT=0; DRY=0; ENVS=()
+# The value of option $1, or one error line and exit 2 when it has none.
+value() {
+  if [[ -z "$2" || "$2" == --* ]]; then echo "error: $3 (see --help)" >&2; exit 2; fi
+  printf '%s' "$2"
+}
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="${2:?--name needs a value}"; shift 2 ;;
-    --tpu) TPU="${2:?--tpu needs v4, v5e, v5p or v6e}"; shift 2 ;;
-    --topology) TOPOLOGY="${2:?--topology needs a value, e.g. 16x16}"; shift 2 ;;
-    --image) IMAGE="${2:?--image needs a value}"; shift 2 ;;
-    --namespace) NAMESPACE="${2:?--namespace needs a value}"; shift 2 ;;
-    --max-restarts) MAX_RESTARTS="${2:?--max-restarts needs a number}"; shift 2 ;;
+    --name) NAME="$(value "$1" "${2-}" "--name needs a value")"; shift 2 ;;
+    --tpu) TPU="$(value "$1" "${2-}" "--tpu needs v4, v5e, v5p or v6e")"; shift 2 ;;
+    --topology) TOPOLOGY="$(value "$1" "${2-}" "--topology needs a value, e.g. 16x16")"; shift 2 ;;
+    --image) IMAGE="$(value "$1" "${2-}" "--image needs a value")"; shift 2 ;;
+    --namespace) NAMESPACE="$(value "$1" "${2-}" "--namespace needs a value")"; shift 2 ;;
+    --max-restarts) MAX_RESTARTS="$(value "$1" "${2-}" "--max-restarts needs a number")"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --env) ENVS+=("${2:?--env needs KEY=VALUE}"); shift 2 ;;
     --dry-run) DRY=1; shift ;;
@@ -57,6 +62,9 @@ done
 [[ "$NAME" =~ ^[a-z0-9]([-a-z0-9]*[a-z0-9])?$ ]] || {
   echo "error: --name=$NAME: Kubernetes names are lower case letters, digits and '-'" >&2; exit 2; }
 [[ -n "$IMAGE" ]] || { echo "error: no image: pass --image or set IGPT_IMAGE (a container with igpt_jax[tpu] installed)" >&2; exit 2; }
+for arg in "$@"; do
+  [[ "$arg" != --dry-run ]] || { echo "error: --dry-run comes after --, where it would be passed to COMMAND and the command really run; put the launcher's options before --" >&2; exit 2; }
+done
 [[ $# -gt 0 ]] || { echo "error: no command after -- (e.g. -- python -m igpt_jax.main --config=configs/l.py --workdir=gs://...)" >&2; exit 2; }
 [[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "error: --max-restarts=$MAX_RESTARTS is not a count" >&2; exit 2; }
 
@@ -71,12 +79,18 @@ esac
 [[ "$TOPOLOGY" =~ ^[0-9]+(x[0-9]+)+$ ]] && [[ $(tr -cd x <<<"$TOPOLOGY" | wc -c) -eq $((DIMS - 1)) ]] || {
   echo "error: --topology='$TOPOLOGY': a $TPU slice's topology has $DIMS dimensions, e.g." \
        "$([[ $DIMS -eq 2 ]] && echo 16x16 || echo 4x4x4)" >&2; exit 2; }
-CHIPS=1; for d in ${TOPOLOGY//x/ }; do CHIPS=$((CHIPS * d)); done
+CHIPS=1; for d in ${TOPOLOGY//x/ }; do
+  [[ $((10#$d)) -ge 1 ]] || { echo "error: --topology='$TOPOLOGY': every dimension must be at least 1" >&2; exit 2; }
+  CHIPS=$((CHIPS * 10#$d)); done
 # Chips per host: 4 on multi-host slices; v5e and v6e single-host slices have up to 8.
 if [[ ( "$TPU" == v5e || "$TPU" == v6e ) && $CHIPS -le 8 ]]; then PER_HOST=$CHIPS
 elif [[ $CHIPS -le 4 ]]; then PER_HOST=$CHIPS
 else PER_HOST=4; fi
 HOSTS=$((CHIPS / PER_HOST))
+[[ $((HOSTS * PER_HOST)) -eq $CHIPS ]] || {
+  echo "error: --topology='$TOPOLOGY' has $CHIPS chips, not a whole number of $PER_HOST-chip $TPU hosts; use a slice shape GKE offers (e.g. $([[ $DIMS -eq 2 ]] && echo 4x4 || echo 2x2x4))" >&2; exit 2; }
+[[ "$IMAGE" =~ ^[A-Za-z0-9][A-Za-z0-9._/:@-]*$ ]] || {
+  echo "error: --image='$IMAGE' is not a container image reference (registry/path/name:tag or @sha256:digest, without spaces)" >&2; exit 2; }
 
 COMMAND="$(printf '%q ' "$@")"
 yaml_quote() { local s=${1//\\/\\\\}; s=${s//\"/\\\"}; printf '"%s"' "$s"; }

@@ -29,13 +29,18 @@ USAGE
 
 NAME="${TPU_NAME:-}"; ZONE="${TPU_ZONE:-}"; PROJECT=""; CREATE=""; VERSION="tpu-ubuntu2204-base"
 SPOT=0; INSTALL=1; DRY=0
+# The value of option $1, or one error line and exit 2 when it has none.
+value() {
+  if [[ -z "$2" || "$2" == --* ]]; then echo "error: $3 (see --help)" >&2; exit 2; fi
+  printf '%s' "$2"
+}
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) NAME="${2:?--name needs a value}"; shift 2 ;;
-    --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
-    --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
-    --create) CREATE="${2:?--create needs an accelerator type, e.g. v4-256}"; shift 2 ;;
-    --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
+    --name) NAME="$(value "$1" "${2-}" "--name needs a value")"; shift 2 ;;
+    --zone) ZONE="$(value "$1" "${2-}" "--zone needs a value")"; shift 2 ;;
+    --project) PROJECT="$(value "$1" "${2-}" "--project needs a value")"; shift 2 ;;
+    --create) CREATE="$(value "$1" "${2-}" "--create needs an accelerator type, e.g. v4-256")"; shift 2 ;;
+    --version) VERSION="$(value "$1" "${2-}" "--version needs a value")"; shift 2 ;;
     --spot) SPOT=1; shift ;;
     --skip-install) INSTALL=0; shift ;;
     --dry-run) DRY=1; shift ;;
@@ -46,6 +51,9 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$NAME" ]] || { echo "error: no TPU name: pass --name or set TPU_NAME" >&2; exit 2; }
 [[ -n "$ZONE" ]] || { echo "error: no zone: pass --zone or set TPU_ZONE" >&2; exit 2; }
+for arg in "$@"; do
+  [[ "$arg" != --dry-run ]] || { echo "error: --dry-run comes after --, where it would be passed to COMMAND and the command really run; put the launcher's options before --" >&2; exit 2; }
+done
 [[ $# -gt 0 ]] || { echo "error: no command after -- (e.g. -- python -m igpt_jax.main --config=configs/l.py --workdir=gs://...)" >&2; exit 2; }
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

@@ -193,6 +193,11 @@ def test_sample_flags(run, flag, phrase):
   assert snapshot(run) == before
 
 
+def test_a_stray_argument_is_a_flag_error(tmp_path):
+  out = cli("main", QUICKSTART, f"--workdir={tmp_path}", "stray")
+  assert_user_error(out, "unexpected arguments stray", "--name=value")
+
+
 def test_sampling_config_refuses_what_would_give_wrong_images():
   for kw in ({"temperature": 0.0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -5}):
     with pytest.raises(ValueError, match="must be"):

@@ -163,3 +163,27 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
       assert abs(multi[key] - single[key]) <= 0.01, (layer, key, multi[key], single[key])
   copies = os.listdir(os.path.join(runs["multi"], "eval", "features"))
   assert sum(c.endswith(".process1") for c in copies) == 3  # train, validation and test
+
+
+@pytest.mark.parametrize("env, phrase", [
+    # process 0 alone: its peer never comes; one line at the stated timeout, not jax's abort
+    (dict(IGPT_NUM_PROCESSES="2", IGPT_PROCESS_ID="0", IGPT_INIT_TIMEOUT_S="5"),
+     "process 0 of 2 waited 5 s at coordinator 127.0.0.1:"),
+    (dict(IGPT_NUM_PROCESSES="2", IGPT_PROCESS_ID="0", IGPT_COORDINATOR_ADDRESS="127.0.0.1"),
+     "coordinator address '127.0.0.1' needs a port"),
+    (dict(IGPT_DISTRIBUTED_AUTO="1"), "with IGPT_DISTRIBUTED_AUTO=1, which needs a cluster"),
+])
+def test_multi_process_start_up_fails_in_one_line(tmp_path, env, phrase):
+  env = dict(env_for(1), **env)
+  env.setdefault("IGPT_COORDINATOR_ADDRESS", f"127.0.0.1:{free_port()}")
+  if "IGPT_DISTRIBUTED_AUTO" in env:
+    del env["IGPT_COORDINATOR_ADDRESS"]
+  t0 = time.time()
+  out = subprocess.run([sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
+                        f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert time.time() - t0 < 60
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and phrase in errors[0], out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and "Fatal Python error" not in out.stderr

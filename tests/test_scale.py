@@ -181,6 +181,11 @@ def test_tpu_pod_dry_run():
     (["--name", "n", "--", "x"], "no zone"),
     (["--name", "n", "--zone", "z"], "no command after --"),
     (["--name", "n", "--zone", "z", "--bogus"], "unknown option --bogus"),
+    (["--name"], "--name needs a value"),
+    (["--name", "n", "--zone", "--spot", "--", "x"], "--zone needs a value"),
+    # A --dry-run after -- would reach the command, and the command would really run.
+    (["--name", "n", "--zone", "z", "--", "python", "-m", "igpt_jax.main", "--dry-run"],
+     "--dry-run comes after --"),
 ])
 def test_tpu_pod_fails_clearly(args, message):
   out = sh(["launch/tpu_pod.sh"] + args, TPU_NAME="", TPU_ZONE="")
@@ -235,6 +240,15 @@ def test_gke_jobset_renders(tpu, topology, hosts, chips_per_host, accelerator):
      "has 3 dimensions"),
     (["--name", "n", "--tpu", "v5e", "--topology", "16x16", "--", "x"], "no image"),
     (["--name", "n", "--tpu", "v5e", "--topology", "16x16", "--image", "i"], "no command"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "0x4", "--image", "i", "--", "x"],
+     "every dimension must be at least 1"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "3x5", "--image", "i", "--", "x"],
+     "15 chips, not a whole number of 4-chip v5e hosts"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "4x4", "--image", "reg/img: 1", "--", "x"],
+     "is not a container image reference"),
+    (["--name", "n", "--tpu", "v5e", "--topology", "4x4", "--image", "i", "--dry-run", "--",
+      "x", "--dry-run"], "--dry-run comes after --"),
+    (["--name", "n", "--tpu"], "--tpu needs"),
 ])
 def test_gke_launcher_fails_clearly(args, message):
   out = sh(["launch/gke_tpu.sh"] + args, IGPT_JOB_NAME="", IGPT_TPU="", IGPT_TOPOLOGY="",

@@ -129,6 +129,7 @@ def sample(model_cfg: model_lib.ModelConfig, params, rng, prefix, *, prefix_len:
                      "are sampled by iterative infilling (igpt_jax.decoding.infill).")
   batch, seq_len = prefix.shape
   block = block or default_block(seq_len)
+  params = dict(params, blocks=kv_cache.per_layer(params["blocks"], model_cfg.num_layers))
   tokens = prefix.astype(jnp.int32)
   cache = kv_cache.empty(model_cfg, batch)
   pending = kv_cache.empty_rows(model_cfg, batch)  # keys and values not yet in the cache

@@ -84,6 +84,15 @@ def _attend(q, k, v, old_k, old_v, start):
           + jnp.einsum("bhts,bhsk->bhtk", probs[..., span:], v))
 
 
+def per_layer(blocks, num_layers: int) -> list:
+  """The scanned block parameters ([layers, ...] leaves) as one tree per layer. `sample` splits
+  them once, outside its loops: a slice taken inside a loop step is a copy of that layer's
+  weights at every step."""
+  if isinstance(blocks, (list, tuple)):
+    return list(blocks)
+  return [jax.tree_util.tree_map(lambda a, l=l: a[l], blocks) for l in range(num_layers)]
+
+
 def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start, span: int):
   """Logits [batch, T, vocab] (float32) of positions start..start+T-1 and their keys and values
   (`Cache` of [layers, batch, heads, T, head_dim]), for `write`; the cache is only read.
@@ -93,11 +102,11 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start, span: 
   the cache rows before `start` (read from the first `span` rows) and to each other.
   """
   dtype = cfg.compute_dtype
-  blocks = params["blocks"]
+  layers = per_layer(params["blocks"], cfg.num_layers)
   h = model_lib.constrain(embed(params, cfg, prev, start), ("act_batch", None, "act_embed"))
   new_keys, new_values = [], []
   for layer in range(cfg.num_layers):
-    p = jax.tree_util.tree_map(lambda a, layer=layer: a[layer], blocks)
+    p = layers[layer]
     x = model_lib.rms_norm(h, p["ln_1"]["scale"]).astype(dtype)
 
     def heads(name, x=x, p=p):  # [batch, heads, T, head_dim]

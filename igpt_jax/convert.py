@@ -28,12 +28,17 @@ flags.DEFINE_integer("num_heads", 0, "openai: heads (0: from the released sizes)
 flags.DEFINE_string("workdir", None, "The run directory to write (import) or read (export).")
 flags.DEFINE_enum("to", None, ["hf"], "Export the run in --workdir to this format.")
 flags.DEFINE_string("output", None, "--to=hf: directory to write.")
+flags.DEFINE_bool("overwrite", False, "Import into a --workdir that holds a run, moving its "
+                  "files to replaced.<time>/ inside it first.")
 cli.define_distributed_flags(flags)
 flags.mark_flags_as_required(["workdir"])
 
 
 def convert(f) -> str:
   """Does what the flags `f` ask; returns what was written."""
+  if f.to and f.source:
+    raise errors.FlagError(f"--source={f.source} (import) and --to={f.to} (export) ask for "
+                           "two conversions; pass one of them.")
   if f.to == "hf":
     if not f.output:
       raise errors.FlagError("--to=hf needs --output=DIR (the directory to write).")
@@ -46,11 +51,12 @@ def convert(f) -> str:
     raise errors.FlagError(f"--source={f.source} needs --input=PATH (hf: a save_pretrained "
                            "directory; openai: the checkpoint prefix).")
   if f.source == "hf":
-    return weights.import_hf(f.input, f.workdir)
+    return weights.import_hf(f.input, f.workdir, overwrite=f.overwrite)
   if f.source == "openai":
     if not f.palette:
       raise errors.FlagError("--source=openai needs --palette=kmeans_centers.npy.")
-    return weights.import_openai(f.input, f.palette, f.workdir, num_heads=f.num_heads)
+    return weights.import_openai(f.input, f.palette, f.workdir, num_heads=f.num_heads,
+                                 overwrite=f.overwrite)
   raise errors.FlagError("nothing to do: import with --source=hf|openai --input=PATH "
                          "--workdir=NEW_DIR, or export with --to=hf --workdir=RUN --output=DIR.")
 

@@ -35,14 +35,36 @@ def scan_folder(root: str) -> dict[str, list[tuple[str, str]]]:
         f"dataset folder {root} does not exist. config.dataset must be a tfds name or a folder "
         "laid out as <split>/<label>/<image file> (e.g. train/cat/0001.jpg).")
   splits = {}
+  ignored = {"files that are not images": 0, "folders below <split>/<label>/": 0,
+             "broken links": 0}
+  empty_labels = []
   for split in _listdirs(root):
     items = []
     for label in _listdirs(os.path.join(root, split)):
       folder = os.path.join(root, split, label)
-      items += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
-                if f.lower().endswith(IMAGE_EXTENSIONS)]
+      found = []
+      for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        if os.path.isdir(path):
+          ignored["folders below <split>/<label>/"] += 1
+        elif not f.lower().endswith(IMAGE_EXTENSIONS):
+          ignored["files that are not images"] += 1
+        elif not os.path.isfile(path):
+          ignored["broken links"] += 1
+        else:
+          found.append((path, label))
+      if not found:
+        empty_labels.append(f"{split}/{label}")
+      items += found
     if items:
       splits[split] = items
+  said = [f"{n} {what}" for what, n in ignored.items() if n]
+  if empty_labels:
+    said.append(f"{len(empty_labels)} label folder(s) with no image ({', '.join(empty_labels[:5])}"
+                f"{', ...' if len(empty_labels) > 5 else ''})")
+  if said:
+    print(f"Warning: dataset folder {root}: ignored {'; '.join(said)} (images are read from "
+          f"<split>/<label>/<file> with extensions {', '.join(IMAGE_EXTENSIONS)}).", flush=True)
   if not splits:
     raise errors.MissingError(
         f"dataset folder {root} holds no images in the layout <split>/<label>/<image file> "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -193,13 +194,33 @@ def config_for(params: dict, num_heads: int, base=None):
   return c
 
 
-def write_run(workdir: str, params: dict, palette: np.ndarray, config) -> str:
-  """Writes checkpoints/0 (params + fresh optimizer state), palette.npy, config.json/.py."""
+RUN_FILES = ("checkpoints", "palette.npy", "config.json", "config.py")
 
-  if os.path.exists(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints")):
-    raise ConversionError(f"{workdir}/checkpoints is not empty; convert into a new --workdir "
-                          "(nothing there was touched).")
+
+def _set_aside_run(workdir: str, overwrite: bool) -> None:
+  """Refuses a `workdir` that holds a run (any of RUN_FILES, an empty checkpoints/ aside), or
+  with `overwrite` moves those files into workdir/replaced.<time>/."""
+  held = [f for f in RUN_FILES if os.path.exists(os.path.join(workdir, f))]
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if held == ["checkpoints"] and not os.listdir(checkpoints):
+    held = []
+  if not held:
+    return
+  if not overwrite:
+    raise ConversionError(f"{workdir} holds a run ({', '.join(held)}); convert into a new "
+                          "--workdir, or pass --overwrite to replace it (its files are moved "
+                          "to replaced.<time>/ inside it). Nothing there was touched.")
+  aside = os.path.join(workdir, f"replaced.{int(time.time())}")
+  os.makedirs(aside)
+  for f in held:
+    os.replace(os.path.join(workdir, f), os.path.join(aside, f))
+
+
+def write_run(workdir: str, params: dict, palette: np.ndarray, config, *,
+              overwrite: bool = False) -> str:
+  """Writes checkpoints/0 (params + fresh optimizer state), palette.npy, config.json/.py into a
+  `workdir` that holds no run (`overwrite`: one that does, its files set aside first)."""
+  _set_aside_run(workdir, overwrite)
   os.makedirs(workdir, exist_ok=True)
   palette = np.asarray(palette, np.float32)
   if palette.shape != (config.palette_size, 3):
@@ -260,7 +281,7 @@ def get_config():
 '''
 
 
-def import_hf(input_dir: str, workdir: str, base_config=None) -> str:
+def import_hf(input_dir: str, workdir: str, base_config=None, *, overwrite: bool = False) -> str:
   """A transformers `save_pretrained` directory -> a run directory here."""
   cfg_path = os.path.join(input_dir, "config.json")
   if not os.path.exists(cfg_path):
@@ -272,7 +293,7 @@ def import_hf(input_dir: str, workdir: str, base_config=None) -> str:
   params = from_hf_state(state, num_layers=hf_cfg["n_layer"], num_heads=hf_cfg["n_head"])
   palette = _read_hf_palette(input_dir, params["wte"].shape[0])
   config = config_for(params, hf_cfg["n_head"], base_config)
-  return write_run(workdir, params, palette, config)
+  return write_run(workdir, params, palette, config, overwrite=overwrite)
 
 
 def _read_hf_weights(input_dir: str) -> dict:
@@ -304,7 +325,7 @@ def _read_hf_palette(input_dir: str, k: int) -> np.ndarray:
 
 
 def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: int = 0,
-                  base_config=None) -> str:
+                  base_config=None, overwrite: bool = False) -> str:
   get, shapes = read_openai_checkpoint(prefix)
   num_layers, width = openai_shape(shapes)
   num_heads = num_heads or HEADS_BY_WIDTH.get(width, 0)
@@ -312,7 +333,8 @@ def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: in
     raise ConversionError(f"width {width} is not a released iGPT size; pass --num_heads.")
   params = from_openai_variables(get, num_layers=num_layers, num_heads=num_heads)
   palette = np.load(palette_path)
-  return write_run(workdir, params, palette, config_for(params, num_heads, base_config))
+  return write_run(workdir, params, palette, config_for(params, num_heads, base_config),
+                   overwrite=overwrite)
 
 
 EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")

@@ -166,6 +166,22 @@ def test_main_fewer_training_pixels_than_colors(tmp_path):
   assert "on 128 pixels of 2 training images" in out.stdout
 
 
+def test_what_a_folder_scan_ignores_is_said_in_one_line(tmp_path, capsys):
+  root = tiny_folder(tmp_path / "imgs")
+  write_image(os.path.join(root, "train", "a", "deeper", "x.png"), np.zeros((8, 8, 3), np.uint8))
+  (tmp_path / "imgs" / "train" / "a" / "notes.txt").write_text("not an image")
+  os.symlink(tmp_path / "gone.png", tmp_path / "imgs" / "train" / "b" / "dangling.png")
+  (tmp_path / "imgs" / "train" / "c").mkdir()
+  (tmp_path / "imgs" / "train" / "c" / "readme.md").write_text("no images here")
+  splits = image_folder.scan_folder(root)
+  assert sorted(splits) == ["test", "train"] and len(splits["train"]) == 6
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Warning")]
+  assert len(lines) == 1, lines
+  for phrase in ("2 files that are not images", "1 folders below <split>/<label>/",
+                 "1 broken links", "1 label folder(s) with no image (train/c)"):
+    assert phrase in lines[0], (phrase, lines[0])
+
+
 def test_main_corrupt_image_in_a_folder_is_named(tmp_path):
   root = tiny_folder(tmp_path / "imgs")
   (tmp_path / "imgs" / "train" / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -235,6 +251,23 @@ def test_export_never_writes_into_a_training_run(run, tmp_path):
   assert sorted(os.listdir(target)) == ["config.json", "model.safetensors",
                                         "preprocessor_config.json"]
   assert snapshot(run) == before
+  assert_user_error(cli("convert", "--source=hf", f"--input={target}", "--to=hf",
+                        f"--workdir={run}", f"--output={target}"), "two conversions")
+  # Importing into a run that has no checkpoints yet is refused too, then allowed with
+  # --overwrite, which keeps the old files aside.
+  young = tmp_path / "young"
+  young.mkdir()
+  shutil.copy(os.path.join(run, "config.json"), young)
+  shutil.copy(os.path.join(run, "palette.npy"), young)
+  before = snapshot(young)
+  out = cli("convert", "--source=hf", f"--input={target}", f"--workdir={young}")
+  assert_user_error(out, "holds a run (palette.npy, config.json)", "--overwrite")
+  assert snapshot(young) == before
+  out = cli("convert", "--source=hf", f"--input={target}", f"--workdir={young}", "--overwrite")
+  assert out.returncode == 0, out.stderr[-3000:]
+  aside = [d for d in os.listdir(young) if d.startswith("replaced.")]
+  assert len(aside) == 1 and snapshot(young / aside[0]) == before
+  assert os.path.exists(young / "checkpoints" / "0")
 
 
 def test_probe_on_a_one_class_dataset_is_refused(run, tmp_path):

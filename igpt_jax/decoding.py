@@ -133,10 +133,11 @@ def sample(model_cfg: model_lib.ModelConfig, params, rng, prefix, *, prefix_len:
   tokens = prefix.astype(jnp.int32)
   cache = kv_cache.empty(model_cfg, batch)
   pending = kv_cache.empty_rows(model_cfg, batch)  # keys and values not yet in the cache
+  # Each position's input pixel (the one before it), for blocks filled from the prefix.
+  prev = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), tokens[:, :seq_len - 1]], 1)
   for lo in range(0, seq_len, block):
     hi = min(seq_len, lo + block)
     if hi <= prefix_len:  # the whole block is given: its keys and values in one pass.
-      prev = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), tokens[:, :seq_len - 1]], 1)
       _, rows = kv_cache.decode(params, model_cfg, cache, prev[:, lo:hi], lo, span=lo)
       cache = kv_cache.write(cache, rows, lo)
       pending = kv_cache.Cache(*(x[:, :, :, -1:] for x in rows))  # written again: harmless

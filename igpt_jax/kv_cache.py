@@ -48,15 +48,10 @@ def empty(cfg: model_lib.ModelConfig, batch: int) -> Cache:
   return Cache(zeros(), zeros())
 
 
-def empty_rows(cfg: model_lib.ModelConfig, batch: int, length: int = 1) -> Cache:
-  """Zero keys and values of `length` positions, shaped as `decode` returns them."""
-  shape = (cfg.num_layers, batch, cfg.num_heads, length, cfg.head_dim)
+def empty_rows(cfg: model_lib.ModelConfig, batch: int) -> Cache:
+  """Zero keys and values of one position, shaped as `decode` returns them."""
+  shape = (cfg.num_layers, batch, cfg.num_heads, 1, cfg.head_dim)
   return Cache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-
-
-def cache_bytes(cfg: model_lib.ModelConfig, batch: int) -> int:
-  """Bytes of the key/value cache for `batch` images."""
-  return 2 * cfg.num_layers * batch * cfg.seq_len * cfg.width * cfg.compute_dtype.itemsize
 
 
 def embed(params, cfg: model_lib.ModelConfig, prev, start):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -212,23 +213,26 @@ class _StopFlag:
     return stop
 
 
-def _save(mgr, workdir: str, step: int, state, next_index: int, last_good) -> None:
-  """Saves a checkpoint; a save that fails (this one, or the previous asynchronous one) stops
-  training with one message, keeping the checkpoints already written."""
+@contextlib.contextmanager
+def _stop_if_save_fails(workdir: str, step: int, last_good):
+  """Any error inside (saving `step`, or waiting for an asynchronous save) stops training with
+  `checkpointing.save_failed`'s one message, keeping the checkpoints already written."""
   try:
-    mgr.check_for_errors()  # the previous save, still being written in the background
-    checkpointing.save(mgr, step, state, next_index)
+    yield
   except Exception as e:  # pylint: disable=broad-except
     raise checkpointing.save_failed(workdir, step, last_good, e) from e
+
+
+def _save(mgr, workdir: str, step: int, state, next_index: int, last_good) -> None:
+  with _stop_if_save_fails(workdir, step, last_good):
+    mgr.check_for_errors()  # the previous save, still being written in the background
+    checkpointing.save(mgr, step, state, next_index)
 
 
 def _wait_saved(mgr, workdir: str, step: int, last_good) -> None:
-  """Waits for the asynchronous save of `step`; a failure stops with `save_failed`'s message."""
-  try:
+  with _stop_if_save_fails(workdir, step, last_good):
     mgr.wait_until_finished()
     mgr.check_for_errors()
-  except Exception as e:  # pylint: disable=broad-except
-    raise checkpointing.save_failed(workdir, step, last_good, e) from e
 
 
 def _check_finite(fetched: list, first_step: int, config, skipped_so_far: int) -> int:

@@ -104,7 +104,15 @@ def test_chip_rows_match_jax_device_kinds():
   assert chips.for_device_kind("NVIDIA H100 80GB HBM3").name == "NVIDIA H100 SXM"
   assert chips.for_device_kind("cpu") is None
   assert chips.for_device_kind("TPU v5p").hbm_gib == 95
-  r = chips.roofline(1e12, 2e12, 1e9, chips.CHIPS["v5e"])
+  r = chips.roofline(1e12, 2e12, 1e9, 0.0, chips.CHIPS["v5e"])
   assert r["bound_by"] == "compute" and r["mfu_bound"] == pytest.approx(0.5)
-  r = chips.roofline(1e12, 1e12, 819e9, chips.CHIPS["v5e"])  # 1 s of HBM vs 5 ms of math
-  assert r["bound_by"] == "memory" and r["roofline_step_s"] == pytest.approx(1.0)
+  r = chips.roofline(1e12, 1e12, 819e9, 0.0, chips.CHIPS["v5e"])  # 1 s of HBM vs 5 ms of math
+  assert r["bound_by"] == "HBM" and r["roofline_step_s"] == pytest.approx(1.0)
+  r = chips.roofline(1e12, 1e12, 0.0, 2.0, chips.CHIPS["v5e"])
+  assert r["bound_by"] == "communication" and r["serial_step_s"] == pytest.approx(
+      2.0 + 1e12 / 197e12)
+  # A count below the model's (work hidden in custom calls) never lifts MFU above 100%.
+  r = chips.roofline(2e12, 1e12, 0.0, 0.0, chips.CHIPS["v5e"])
+  assert r["mfu_bound"] == pytest.approx(1.0) and r["flops_used"] == "model"
+  assert chips.CHIPS["v5e"].link_bytes_per_s("ici") == 200e9
+  assert chips.CHIPS["h100"].link_bytes_per_s("network") == 50e9

@@ -270,7 +270,30 @@ def _iota_groups(text: str) -> list:
   return ids.reshape(shape[0], -1).tolist() if len(shape) > 1 else [ids.reshape(-1).tolist()]
 
 
+def _mesh_groups(attrs: str) -> list | None:
+  """`replica_groups=mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a'}`: the devices laid out
+  on a named mesh; a group is the devices that differ only along the listed axes."""
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?"
+                r"\s*\{([^}]*)\}", attrs)
+  if not m:
+    return None
+  axes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+  sizes = [n for _, n in axes]
+  if m.group(2):
+    ids = np.array(_iota_groups(f"[{math.prod(sizes)}]<={m.group(2).strip()}")[0])
+  else:
+    ids = np.arange(math.prod(sizes))
+  ids = ids.reshape(sizes)
+  grouped = [k for k, (a, _) in enumerate(axes) if f"'{a}'" in m.group(3)]
+  others = [k for k in range(len(axes)) if k not in grouped]
+  ids = ids.transpose(others + grouped).reshape(-1, math.prod(sizes[k] for k in grouped))
+  return ids.tolist()
+
+
 def replica_groups(attrs: str, num_partitions: int) -> list:
+  groups = _mesh_groups(attrs)
+  if groups is not None:
+    return groups
   m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", attrs)
   if m:
     return _iota_groups(m.group(1))

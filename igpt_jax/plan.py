@@ -165,6 +165,17 @@ def communication(cost, devices, chip) -> dict:
   return out
 
 
+def gpu_code_targets(compiled) -> str | None:
+  """The GPU architectures the executable holds code for ("sm_90a"), read from its serialized
+  form (the PTX kernels XLA:GPU produced), or None where it cannot be serialized."""
+  import re  # pylint: disable=g-import-not-at-top
+  try:
+    blob = compiled.runtime_executable().serialize()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return ",".join(sorted({m.decode() for m in re.findall(rb"sm_[0-9]+a?", blob)})) or None
+
+
 def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
          gpu_mem_fraction: float = 0.75) -> dict:
   """Compiles the train step and evaluation forward of `config` on `devices` (default: the
@@ -294,6 +305,8 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
                 "custom_calls": opaque,
                 "loops_counted_once": sum(1 for l in cost.loops if l[2] == "unknown")})
     out.update(communication(cost, list(mesh.devices.flat), chip))
+    if platform == "gpu":
+      out["sm"] = gpu_code_targets(compiled)
     if chip is not None:
       out.update(chips.roofline(model_flops, step_flops, cost.hbm_bytes,
                                 out.get("comm_bound_s", 0.0), chip))

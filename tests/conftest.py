@@ -48,6 +48,17 @@ def requires_tpu_compiler():
     pytest.skip(msg)
 
 
+def requires_gpu_compiler():
+  """Skips a test that needs the XLA:GPU compiler (jax-cuda12-plugin) when it is not installed;
+  with $IGPT_REQUIRE_GPU_COMPILER=1 (set by .ci/run) it fails instead."""
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    msg = ("jax-cuda12-plugin is not installed (see the README's plan section): no GPU "
+           "compiler to compile for.")
+    if os.environ.get("IGPT_REQUIRE_GPU_COMPILER") == "1":
+      pytest.fail(msg)
+    pytest.skip(msg)
+
+
 def cache_dir() -> str:
   return os.environ.get("IGPT_TEST_CACHE") or os.path.expanduser("~/.cache/igpt_jax_tests")
 

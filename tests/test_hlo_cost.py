@@ -139,3 +139,10 @@ def test_iota_replica_groups():
       [0, 4], [1, 5], [2, 6], [3, 7]]
   assert hlo_cost.replica_groups("replica_groups={{0,2},{1,3}}", 4) == [[0, 2], [1, 3]]
   assert hlo_cost.replica_groups("replica_groups={}", 4) == [[0, 1, 2, 3]]
+  # The named-mesh form (newer XLA): device ids on a mesh, groups along the listed axes.
+  assert hlo_cost.replica_groups(
+      "replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}", 8) == [
+          [0, 1, 2, 3], [4, 5, 6, 7]]
+  assert hlo_cost.replica_groups(
+      "replica_groups=mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}", 8) == [
+          [0, 4], [1, 5], [2, 6], [3, 7]]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO, requires_tpu_compiler, tiny_config
+from conftest import REPO, requires_gpu_compiler, requires_tpu_compiler, tiny_config
 from igpt_jax import attention
 from igpt_jax import chips
 from igpt_jax import sharding
@@ -116,3 +116,70 @@ def test_chip_rows_match_jax_device_kinds():
   assert r["mfu_bound"] == pytest.approx(1.0) and r["flops_used"] == "model"
   assert chips.CHIPS["v5e"].link_bytes_per_s("ici") == 200e9
   assert chips.CHIPS["h100"].link_bytes_per_s("network") == 50e9
+
+
+def _plan_json(*flags, timeout=900):
+  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", *flags, "--json"], cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  return json.loads(out.stdout.strip().splitlines()[-1]), out
+
+
+def test_plan_counts_the_flops_of_fsdp_collective_matmuls():
+  """With the weights split over 4 chips the TPU compiler loops over weight shards (windowed
+  einsums); XLA's own cost analysis counts each loop once (0.29-0.36 of the model's FLOPs).
+  Read from the program with the loops' trip counts, the count is the model's; the gathers of
+  the bfloat16 weights and the scattered gradients are the communication."""
+  requires_tpu_compiler()
+  p, _ = _plan_json("--config=configs/s.py", "--topology=v5e:2x2", "--config.batch_size=8",
+                    "--config.model.num_layers=4", "--config.model.dtype=bfloat16",
+                    "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=1")
+  assert 0.9 < p["flop_ratio"] < 1.3 and p["loops_counted_once"] == 0
+  # Per layer 12 d^2 weights; forward and backward gather bf16 weights (3/4 of them from the
+  # other chips) and the gradients are reduce-scattered: at least 2 x 3/4 x 2 bytes each.
+  weights = 4 * 12 * 512**2
+  assert p["comm_gb_per_device"]["ici"] * 1e9 > 2 * 0.75 * 2 * weights
+  assert 0 < p["comm_bound_s"] < p["serial_step_s"] and 0 < p["mfu_bound"] <= 1
+
+
+def test_plan_says_does_not_fit_when_the_tpu_compiler_runs_out_of_memory():
+  requires_tpu_compiler()
+  flags = ["--config=configs/s.py", "--topology=v5e:2x2", "--config.batch_size=1024",
+           "--config.model.num_layers=4", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+           "--config.mesh.tensor=1"]
+  p, _ = _plan_json(*flags)
+  assert p["fits"] is False and "exceed" in p["compiler_says"]
+  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", *flags], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0 and "Traceback" not in out.stderr
+  assert "DOES NOT FIT in 16 GiB per device: the compiler refused" in out.stdout
+
+
+def test_plan_compiles_the_igpt_s_train_step_for_8_h100s():
+  """The XLA:GPU compiler (jax-cuda12-plugin, a target config, no GPU): iGPT-S in bfloat16 on
+  one host of 8 H100s. Memory per device within HBM, FLOPs within 0.9-1.3x the model's, sm_90
+  code, the cuDNN attention kernel in the program, and the weights' traffic on NVLink."""
+  requires_gpu_compiler()
+  p, _ = _plan_json("--config=configs/s.py", "--topology=h100:1x8",
+                    "--config.model.dtype=bfloat16", "--config.mesh.data=1",
+                    "--config.mesh.fsdp=8", "--config.mesh.tensor=1")
+  assert p["compiler"] == "XLA:GPU" and p["device_kind"].startswith("NVIDIA H100")
+  assert p["devices"] == 8 and p["attention"] == "cudnn"
+  assert 0 < p["total_gib_per_device"] < p["usable_gib"] < 80 and p["fits"]
+  assert p["usable_gib"] == pytest.approx(80 * 0.75 - chips.CUDNN_WORKSPACE_GIB)
+  assert 0.9 < p["flop_ratio"] < 1.3
+  assert any("cudnn" in c.lower() for c in p["custom_calls"]), p["custom_calls"]
+  assert p["sm"] == "sm_90a"
+  assert set(p["comm_gb_per_device"]) == {"nvlink"} and p["comm_bound_s"] > 0
+  assert 0 < p["mfu_bound"] <= 1
+
+
+def test_plan_puts_cross_host_collectives_on_the_network():
+  requires_gpu_compiler()
+  p, _ = _plan_json("--config=configs/s.py", "--topology=h100:2x4", "--config.batch_size=16",
+                    "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
+                    "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.mesh.tensor=1")
+  # fsdp within a host (NVLink), the data-parallel gradient sum across the two hosts.
+  assert p["comm_gb_per_device"].get("network", 0) > 0
+  assert p["comm_gb_per_device"].get("nvlink", 0) > 0

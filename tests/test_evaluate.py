@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 from sklearn.linear_model import LogisticRegression
 
-from conftest import REPO
+from conftest import REPO, run_on_fake_devices
 from conftest import quickstart_config as quickstart
 from conftest import run_on_fake_devices
 from igpt_jax import config_lib
@@ -587,3 +587,45 @@ def test_masked_pixel_predictions_average_a_mask_ensemble():
     by_hand.append(jax.nn.log_softmax(finetune.class_logits(params["head"], feats[:, -1])))
   np.testing.assert_array_equal(pred, jnp.argmax(jnp.mean(jnp.stack(by_hand), 0), -1))
   assert not np.allclose(by_hand[0], by_hand[1])  # different masks, different logits
+
+
+PROBE_MEMORY_SCRIPT = r"""
+import json, resource, sys
+import numpy as np
+from igpt_jax import probe
+path, solver = sys.argv[1], sys.argv[2]
+x = np.load(path, mmap_mode="r")
+n, d = x.shape
+y = np.random.default_rng(0).integers(0, 10, n).astype(np.int32)
+tr, va = slice(0, n - 2000), slice(n - 2000, n)
+# Compile the solver first on a small slice, so that only the fit's own arrays are measured.
+probe.fit_and_select((x[:3000], y[:3000]), (x[va], y[va]), (x[va], y[va]), num_classes=10,
+                     l2_grid=(1e-3,), solver=solver, max_iters=5, sgd_epochs=1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+r = probe.fit_and_select((x[tr], y[tr]), (x[va], y[va]), (x[va], y[va]), num_classes=10,
+                         l2_grid=(1e-3,), solver=solver, max_iters=20, sgd_epochs=1,
+                         max_host_bytes=1e12)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print("MEM" + json.dumps({"grown": peak - base, "f32": 4.0 * (n - 2000) * d,
+                          "streamed": r.streamed}))
+"""
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "sgd"])
+def test_in_memory_probe_peak_is_what_the_host_budget_assumes(tmp_path, solver):
+  """eval.max_host_gib decides between fitting in memory and streaming from disk by the peak
+  an in-memory fit reaches, IN_MEMORY_PEAK_FACTOR x the float32 training features. Measured
+  here (peak resident memory of a fresh process, float16 features on disk): within that
+  factor, and above the 2x the rule used to assume."""
+  n, d = 42_000, 768  # 123 MB of float32 training features
+  rng = np.random.default_rng(1)
+  x = np.lib.format.open_memmap(str(tmp_path / "f.npy"), "w+", np.float16, (n, d))
+  for a, b in probe.chunks(n, 10_000):
+    x[a:b] = rng.normal(size=(b - a, d))
+  x.flush()
+  del x
+  m = run_on_fake_devices(PROBE_MEMORY_SCRIPT, str(tmp_path / "f.npy"), solver, tag="MEM",
+                          devices=1)
+  assert not m["streamed"]
+  ratio = m["grown"] / m["f32"]
+  assert 2.0 < ratio <= probe.IN_MEMORY_PEAK_FACTOR, ratio

@@ -28,7 +28,6 @@ HBM bytes are XLA's "bytes accessed" (operands and results of every fused op), a
 HBM traffic; collectives over ICI are not in the roofline.
 """
 
-import dataclasses
 import json
 import os
 import sys
@@ -53,6 +52,15 @@ flags.DEFINE_bool("costs", True, "Read FLOPs, HBM traffic and collectives from t
                   "program and give the roofline.")
 flags.DEFINE_float("gpu_mem_fraction", 0.75, "GPUs: the fraction of HBM jax's memory pool takes "
                    "(XLA_PYTHON_CLIENT_MEM_FRACTION; jax's default 0.75).")
+flags.DEFINE_string("search", None, "A chip kind (v4, v5e, v5p, v6e, h100, h200): try its slices, "
+                    "meshes, remat policies and micro-batch counts; print the best ranked by "
+                    "chip-hours for config.total_steps.")
+flags.DEFINE_list("slices", [], "With --search: only these slices (v5e:8x8,v5e:16x16).")
+flags.DEFINE_integer("max_chips", 0, "With --search: the largest slice to try, in chips.")
+flags.DEFINE_float("search_budget_s", 1800, "With --search: stop compiling new candidates after "
+                   "this many seconds.")
+flags.DEFINE_string("cache_dir", None, "With --search: where compiled plans are cached "
+                    "(default ~/.cache/igpt_jax/plans).")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of text.")
 flags.mark_flags_as_required(["config"])
 flags.register_validator("devices", lambda n: n > 0, "--devices must be a positive count.")
@@ -177,7 +185,7 @@ def gpu_code_targets(compiled) -> str | None:
 
 
 def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
-         gpu_mem_fraction: float = 0.75) -> dict:
+         gpu_mem_fraction: float = 0.75, eval_forward: bool = True) -> dict:
   """Compiles the train step and evaluation forward of `config` on `devices` (default: the
   current ones; compile-only TPU and GPU devices work); returns the figures. `hbm_gib` default:
   the chip's, else 16. A program the compiler finds too large for HBM is an answer, not an
@@ -251,6 +259,11 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   if chip is not None:
     out["chip"] = chip.name
 
+  if params_b + opt_b > usable_gib * GIB:  # no compile can make this fit
+    out.update({"fits": False, "compile_s": 0.0, "compiler_says": (
+        f"parameters and optimizer state alone take {(params_b + opt_b) / GIB:.1f} GiB per "
+        f"device, over the {usable_gib:.1f} GiB usable (not compiled)")})
+    return out
   with sharding.use(mesh, config):
     t0 = time.time()
     try:
@@ -268,25 +281,26 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
               "hbm_headroom": 1.0 - total / (usable_gib * GIB),
               "fits": total <= usable_gib * GIB})
 
-  # The evaluation forward (bits/dim, features): parameters only, no optimizer or gradients.
-  eval_fn = jax.jit(
-      lambda p, b: objectives.masked_loss_sums(
-          model_lib.make_apply_fn(model), p, b, jax.random.PRNGKey(config.seed),
-          objective=config.objective, mask_prob=config.mask_prob),
-      in_shardings=(shardings.params, batch_sharding), out_shardings=sharding.replicated(mesh))
-  eval_batch = dict(batch, mask=jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_,
-                                                     sharding=batch_sharding))
-  with sharding.use(mesh, config):
-    t0 = time.time()
-    try:
-      eval_compiled = eval_fn.lower(abstract.params, eval_batch).compile()
-      eval_temp_b = _device_bytes(eval_compiled.memory_analysis())[0]
-      out["eval_total_gib_per_device"] = (params_b + eval_temp_b) / GIB
-    except Exception as e:  # pylint: disable=broad-except
-      if out_of_memory(e) is None:
-        raise
-      out["eval_total_gib_per_device"] = float("inf")
-    out["eval_compile_s"] = time.time() - t0
+  if eval_forward:
+    # The evaluation forward (bits/dim, features): parameters only, no optimizer or gradients.
+    eval_fn = jax.jit(
+        lambda p, b: objectives.masked_loss_sums(
+            model_lib.make_apply_fn(model), p, b, jax.random.PRNGKey(config.seed),
+            objective=config.objective, mask_prob=config.mask_prob),
+        in_shardings=(shardings.params, batch_sharding), out_shardings=sharding.replicated(mesh))
+    eval_batch = dict(batch, mask=jax.ShapeDtypeStruct((config.batch_size,), jnp.bool_,
+                                                       sharding=batch_sharding))
+    with sharding.use(mesh, config):
+      t0 = time.time()
+      try:
+        eval_compiled = eval_fn.lower(abstract.params, eval_batch).compile()
+        eval_temp_b = _device_bytes(eval_compiled.memory_analysis())[0]
+        out["eval_total_gib_per_device"] = (params_b + eval_temp_b) / GIB
+      except Exception as e:  # pylint: disable=broad-except
+        if out_of_memory(e) is None:
+          raise
+        out["eval_total_gib_per_device"] = float("inf")
+      out["eval_compile_s"] = time.time() - t0
 
   if costs:
     cost = hlo_cost.analyze(compiled.as_text(), len(devices))
@@ -328,8 +342,9 @@ def format_plan(p: dict) -> str:
             if "gpu_mem_fraction" in p else f"{p['hbm_gib']:g} GiB per device")
   if "compiler_says" in p:
     lines += [
-        f"  DOES NOT FIT in {usable}: the compiler refused the train step after "
-        f"{p['compile_s']:.0f} s: {p['compiler_says']}",
+        f"  DOES NOT FIT in {usable}: " + (
+            f"the compiler refused the train step after {p['compile_s']:.0f} s: "
+            if p["compile_s"] else "") + p["compiler_says"],
         f"  per device: parameters {p['params_gib_per_device']:.2f} GiB | optimizer "
         f"{p['optimizer_gib_per_device']:.2f} GiB; try more fsdp devices, a remat policy, "
         "more micro-batches (grad_accum_steps), bfloat16, or a larger slice",
@@ -344,9 +359,10 @@ def format_plan(p: dict) -> str:
       f"in {p['compile_s']:.0f} s)",
       f"  restore peak {p['restore_peak_gib_per_device']:.2f} GiB per device (one train state: "
       "a checkpoint is read into its shards, nothing is allocated before it)",
-      f"  evaluation forward: {p['eval_total_gib_per_device']:.2f} GiB per device (parameters "
-      f"and temporaries; compiled in {p['eval_compile_s']:.0f} s)",
   ]
+  if "eval_total_gib_per_device" in p:
+    lines.append(f"  evaluation forward: {p['eval_total_gib_per_device']:.2f} GiB per device "
+                 f"(parameters and temporaries; compiled in {p['eval_compile_s']:.0f} s)")
   if "compiler_tflop_per_device" in p:
     comm = ", ".join(f"{v:.3g} GB over {LINK_NAMES[k]}"
                      for k, v in p["comm_gb_per_device"].items()) or "nothing"
@@ -370,9 +386,32 @@ def format_plan(p: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _fake_devices(1 if FLAGS.topology else FLAGS.devices)
+  if FLAGS.search and FLAGS.topology:
+    raise app.UsageError("--search tries many slices; give --slices instead of --topology.")
+  _fake_devices(1 if FLAGS.topology or FLAGS.search else FLAGS.devices)
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # optax's and orbax's INFO lines
+
+  def search_and_print(config):
+    from igpt_jax import plan_search  # pylint: disable=g-import-not-at-top
+    config_path = config_flags.get_config_filename(FLAGS["config"])
+    print(f"Searching {FLAGS.search} slices for {config_path} (batch {config.batch_size}, "
+          f"{config.total_steps:,} steps; budget {FLAGS.search_budget_s:.0f} s):",
+          file=sys.stderr, flush=True)
+    result = plan_search.search(
+        config, FLAGS.search, plan_fn=plan, devices_fn=topology_devices, slices=FLAGS.slices,
+        max_chips=FLAGS.max_chips, budget_s=FLAGS.search_budget_s,
+        cache_dir=FLAGS.cache_dir or plan_search.default_cache_dir(),
+        log=lambda m: print(m, file=sys.stderr, flush=True))
+    if FLAGS.json:
+      print(json.dumps(result))
+    else:
+      print(plan_search.report(result, config_path, plan_search.config_overrides(sys.argv),
+                               config.total_steps))
+
+  if FLAGS.search:
+    cli.run_reporting_user_errors(search_and_print, FLAGS.config)
+    return
 
   def plan_and_print(config):
     devices = topology_devices(FLAGS.topology) if FLAGS.topology else None

@@ -12,11 +12,19 @@ q, k, v: [batch, length, heads, head_dim] in, [batch, length, heads, head_dim] o
              block's scores stay in cache; that, not the FLOPs, is what bounds attention on a CPU.
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`: the fused cuDNN kernel on
              NVIDIA GPUs (bfloat16/float16 compute).
+  pallas_gpu the Pallas (Triton) flash-attention kernel from jax's own kernel library
+             (`jax.experimental.pallas.ops.gpu.attention`), forward and backward, per device
+             inside `shard_map`. Lengths that are not a multiple of its block are padded, the
+             padded keys masked. Unlike cuDNN's kernel it compiles to PTX without a GPU, so
+             `plan --topology=h100:...` checks all of it; on other backends it runs in Pallas
+             interpret mode (tests only: slow).
   splash     the Pallas TPU splash-attention kernel (causal or full mask; blocks above the
              diagonal skipped), run per device inside `shard_map` over the batch and head axes.
              On other backends it runs in Pallas interpret mode (tests only: slow).
-  auto       by platform: splash on TPUs; cudnn on NVIDIA GPUs with bfloat16/float16 compute and
-             dense (XLA's fused path, not a loop) with float32; blockwise on CPUs.
+  auto       by platform: splash on TPUs; cudnn on NVIDIA GPUs with bfloat16/float16 compute
+             (NVIDIA's tuned fused kernel; pallas_gpu is the one to pick where cuDNN is missing
+             or to check a GPU program completely without a GPU) and dense (XLA's fused path,
+             not a loop) with float32; blockwise on CPUs.
 
 All agree to float rounding (tests/test_attention.py).
 """
@@ -31,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "splash")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "cudnn", "pallas_gpu", "splash")
+PALLAS_GPU_BLOCK = 64  # query and key block of the Pallas GPU kernel's forward pass
 _MASKED = -1e30  # finite, so a fully masked row would give a uniform softmax, never NaN.
 _GROUP = 2  # (batch x head) slices per mapped step of the blockwise kernel.
 
@@ -82,6 +91,8 @@ def attention(q, k, v, *, causal: bool, impl: str = "dense", block: int = 128):
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
   if impl == "splash":
     return splash(q, k, v, causal=causal)
+  if impl == "pallas_gpu":
+    return pallas_gpu(q, k, v, causal=causal)
   raise ValueError(f"attention implementation {impl!r}; use one of {IMPLEMENTATIONS}")
 
 
@@ -254,6 +265,44 @@ def splash(q, k, v, *, causal: bool, block: int = SPLASH_BLOCK, interpret: bool 
     interpret = current_platform()[0] != "tpu"
   return per_shard(functools.partial(_splash_local, causal=causal, block=block,
                                      interpret=interpret), q, k, v)
+
+
+def pallas_gpu(q, k, v, *, causal: bool, block: int = PALLAS_GPU_BLOCK,
+               interpret: bool | None = None):
+  """The Pallas GPU flash-attention kernel on each device's own (batch, heads) shard.
+
+  q, k, v: [batch, length, heads, head_dim] -> the same. The kernel needs the length to be a
+  multiple of its blocks: the sequence is padded at the end, and the padded keys are given
+  their own segment, so no real query attends to them (with a causal mask they lie in every
+  real query's future anyway); the padded queries are dropped. `interpret` (default: when the
+  devices are not GPUs) runs the same kernel in Pallas interpret mode, for tests on a CPU.
+  """
+  if interpret is None:
+    interpret = current_platform()[0] != "gpu"
+  return per_shard(functools.partial(_pallas_gpu_local, causal=causal, block=block,
+                                     interpret=interpret), q, k, v)
+
+
+def _pallas_gpu_local(q, k, v, *, causal: bool, block: int, interpret: bool):
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+  batch, length, _, head_dim = q.shape
+  # Blocks of a power of two from 16 up to `block`; the backward pass's blocks (32 by default)
+  # must divide the padded length too.
+  blk = max(32, min(block, 1 << max(0, (length - 1).bit_length())))
+  padded = -(-length // blk) * blk
+  segments = None
+  if padded != length:
+    pad = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    if not causal:
+      segments = jnp.broadcast_to((jnp.arange(padded) < length).astype(jnp.int32),
+                                  (batch, padded))
+  sizes = gpu_attention.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=32, block_kv_dkv=32,
+                                   block_q_dq=32, block_kv_dq=32)
+  out = gpu_attention.mha(q, k, v, segments, sm_scale=1.0 / math.sqrt(head_dim), causal=causal,
+                          block_sizes=sizes, interpret=interpret)
+  return out[:, :length]
 
 
 def _splash_modules():

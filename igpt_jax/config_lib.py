@@ -91,7 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"
   # Attention kernel (igpt_jax/attention.py; all exact): "auto" = the fused cuDNN kernel on a
   # GPU with bfloat16 compute, else "blockwise" (flash-style, causal blocks skipped, no
-  # length^2 tensor kept); "dense" is the plain reference; "cudnn" forces the GPU kernel.
+  # length^2 tensor kept); "dense" is the plain reference; "cudnn" forces the GPU kernel,
+  # "pallas_gpu" the Pallas (Triton) GPU kernel.
   c.model.attention = "auto"
   c.model.attention_block = 128  # query block of the blockwise kernel.
   # Precision of float32 matmuls: "default" lets the platform choose (TF32 on NVIDIA GPUs since
@@ -421,6 +422,9 @@ def _validate_attention(c, platform: str | None) -> None:
   platform = platform or current
   if impl == "splash" and platform != "tpu":
     _fail("model.attention", impl, f"is the TPU kernel (these devices are {platform}: it would "
+          "run in Pallas interpret mode, far too slowly to train); use 'auto'.")
+  if impl == "pallas_gpu" and platform != "gpu":
+    _fail("model.attention", impl, f"is the GPU kernel (these devices are {platform}: it would "
           "run in Pallas interpret mode, far too slowly to train); use 'auto'.")
   if impl == "cudnn":
     if platform != "gpu" or "nvidia" not in kind.lower():

@@ -2,30 +2,26 @@ r"""Memory and speed plan of a config on devices you do not have: compile, alloc
 
   python -m igpt_jax.plan --config=configs/l.py --topology=v4:8x8x4 \
       [--config.mesh.fsdp=64 --config.mesh.tensor=2] [--json]
-  python -m igpt_jax.plan --config=configs/xl.py --devices=64 --hbm_gib=80   # GPUs (CPU compiler)
+  python -m igpt_jax.plan --config=configs/xl.py --topology=h100:8x8   # 8 hosts of 8 H100s
+  python -m igpt_jax.plan --config=configs/l.py --search=v5e [--max_chips=64]
 
-With `--topology` (a TPU topology name: v4:2x2x1 ... v4:8x8x16, v5e:2x2 ... v5e:16x16,
-v5p:2x2x1 ..., v6e:...), the devices are that slice's TPU chips, known to the real XLA:TPU
-compiler (libtpu: `pip install -e ".[tpu]"`) without a TPU: the figures are the TPU compiler's.
-Without it, `--devices` fake CPU devices stand in (for GPU shapes; the CPU compiler schedules,
-fuses and pads differently, so keep a margin: the README's recommendations keep about 20%).
+With `--topology`, the devices are compile-only devices known to a real compiler without the
+hardware: a TPU slice (v4:2x2x1 ... v4:8x8x16, v5e:2x2 ... v5e:16x16, v5p:..., v6e:...) for
+libtpu's XLA:TPU compiler (`pip install -e ".[tpu]"`), or NVIDIA GPUs as hosts x GPUs per host
+(h100:1x8, h200:4x8) for jax-cuda12-plugin's XLA:GPU compiler with the target configs in
+igpt_jax/gpu_targets/. Without it, `--devices` fake CPU devices stand in (the CPU compiler).
+`--search` tries many slices and settings (plan_search.py).
 
 Builds the config's mesh over the devices, abstract (shape-only) train state and batch with
 their shardings, lowers and compiles the real train step and the evaluation forward, and prints
 the parameter count, bytes per device for parameters, optimizer state and the compiler's
-temporary buffers (activations, gradients, collectives' scratch), whether the total fits the
-chip's HBM (`--hbm_gib` overrides it), the peak of a resume (one train state: checkpoints
-restore into the sharded state directly), compile times, and, for a known chip, the step's FLOPs
-and HBM bytes per device with the roofline step time and MFU bound they imply (chips.py).
-
-FLOPs and bytes: XLA's cost analysis counts a loop body once, and the layers are a scan. So the
-step is also compiled, for the cost analysis only, with 1 and 2 layers unrolled:
-cost(L layers) = cost(1) + (L - 1) * (cost(2) - cost(1)), exact for a stack of equal layers.
-Model FLOPs (flops.py, no remat recomputation) are reported beside the compiler's; a Pallas
-kernel (splash attention) is a custom call whose FLOPs XLA cannot see, so the model's count of
-attention FLOPs is added for it, and the roofline never assumes fewer FLOPs than the model's.
-HBM bytes are XLA's "bytes accessed" (operands and results of every fused op), an estimate of
-HBM traffic; collectives over ICI are not in the roofline.
+temporary buffers, whether the total fits the usable HBM (`--hbm_gib` overrides the chip's; on
+GPUs jax's memory pool, `--gpu_mem_fraction` of it), the peak of a resume, compile times, and,
+read from the compiled program with every loop counted as often as it runs (hlo_cost.py), the
+step's FLOPs, HBM traffic and bytes sent per link, with the roofline step time, what sets it and
+the MFU bound they imply (chips.py). A Pallas or cuDNN attention kernel is a custom call whose
+FLOPs the program does not show: the model's count of attention FLOPs is added for it. A
+compile that runs out of memory is an answer ("does not fit", with the compiler's figures).
 """
 
 import json

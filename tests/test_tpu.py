@@ -183,3 +183,16 @@ def test_plan_puts_cross_host_collectives_on_the_network():
   # fsdp within a host (NVLink), the data-parallel gradient sum across the two hosts.
   assert p["comm_gb_per_device"].get("network", 0) > 0
   assert p["comm_gb_per_device"].get("nvlink", 0) > 0
+
+
+def test_plan_compiles_the_pallas_gpu_attention_kernel_for_sm_90a():
+  """`model.attention=pallas_gpu`: the Triton flash-attention kernel (forward and backward)
+  inside the iGPT-S train step, compiled by XLA:GPU to sm_90a code for 8 H100s."""
+  requires_gpu_compiler()
+  p, _ = _plan_json("--config=configs/s.py", "--topology=h100:1x8", "--config.batch_size=16",
+                    "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
+                    "--config.model.attention=pallas_gpu", "--config.mesh.data=1",
+                    "--config.mesh.fsdp=8", "--config.mesh.tensor=1")
+  assert p["attention"] == "pallas_gpu" and p["sm"] == "sm_90a" and p["fits"]
+  assert any("triton" in c.lower() for c in p["custom_calls"]), p["custom_calls"]
+  assert 0.9 < p["flop_ratio"] < 1.3

@@ -55,6 +55,8 @@ flags.DEFINE_list("slices", [], "With --search: only these slices (v5e:8x8,v5e:1
 flags.DEFINE_integer("max_chips", 0, "With --search: the largest slice to try, in chips.")
 flags.DEFINE_float("search_budget_s", 1800, "With --search: stop compiling new candidates after "
                    "this many seconds.")
+flags.DEFINE_float("min_headroom", 0.1, "With --search: the share of usable HBM a candidate "
+                   "must leave free to count as fitting.")
 flags.DEFINE_string("cache_dir", None, "With --search: where compiled plans are cached "
                     "(default ~/.cache/igpt_jax/plans).")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of text.")
@@ -397,6 +399,7 @@ def main(argv):
     result = plan_search.search(
         config, FLAGS.search, plan_fn=plan, devices_fn=topology_devices, slices=FLAGS.slices,
         max_chips=FLAGS.max_chips, budget_s=FLAGS.search_budget_s,
+        min_headroom=FLAGS.min_headroom,
         cache_dir=FLAGS.cache_dir or plan_search.default_cache_dir(),
         log=lambda m: print(m, file=sys.stderr, flush=True))
     if FLAGS.json:

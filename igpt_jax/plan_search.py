@@ -12,6 +12,8 @@ Every compile is a real one (`plan.plan`, without the evaluation forward) and is
 a key of everything that determines the program (the config, the slice, jax's and the
 compilers' versions), so a second search, or one with a larger budget, recompiles nothing.
 
+A candidate fits when the compiler accepts it with at least `min_headroom` (default 10%) of the
+usable HBM to spare (allocator fragmentation, the input pipeline's buffers, a profiler).
 Fitting candidates are ranked by chip-hours for the config's `total_steps` (chips x the step-time
 bound), then by the step-time bound. The table and the exact command of the best are printed.
 """
@@ -95,7 +97,8 @@ def command(config_path: str, topology: str, mesh: tuple, remat: str, micro: int
 
 
 def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int = 0,
-           budget_s: float = 1800, cache_dir: str | None = None, log=print) -> dict:
+           budget_s: float = 1800, cache_dir: str | None = None, min_headroom: float = 0.1,
+           log=print) -> dict:
   """Compiles candidates (`plan_fn(config, devices=...)`, devices from
   `devices_fn(topology)`: igpt_jax.plan's) until the search is done or `budget_s` is spent;
   returns {"rows": [...fitting, ranked], "tried": n, "skipped": n, "left": [slices]}.
@@ -157,6 +160,10 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
         state["skipped"] += 1
         log(f"{head}: refused ({p['refused'][:100]})")
         return None, None
+      if p["fits"] and p.get("hbm_headroom", 1.0) < min_headroom:
+        log(f"{head}: fits with {100 * p['hbm_headroom']:.0f}% of HBM to spare, under the "
+            f"{100 * min_headroom:.0f}% asked for (--min_headroom)")
+        continue
       if not p["fits"]:
         why = p.get("compiler_says") or f"{p['total_gib_per_device']:.1f} GiB"
         log(f"{head}: does not fit ({why[:120]})")

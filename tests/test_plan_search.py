@@ -39,6 +39,7 @@ class FakeCompiler:
     gib = per_device * shrink + 8.0 * mesh[0] / chips
     step = (1.0 + 0.2 * (c.model.remat_policy == "full")) * 64 / chips * (1 + 0.5 / mesh[0])
     return {"fits": gib <= 16, "total_gib_per_device": gib, "usable_gib": 16.0,
+            "hbm_headroom": 1 - gib / 16,
             "compile_s": 1.0, "roofline_step_s": step, "bound_by": "compute",
             "mfu_bound": 0.5, "flop_ratio": 1.0, "compiler": "fake"}
 
@@ -55,6 +56,10 @@ def test_search_climbs_the_ladder_and_the_data_axis_and_ranks_by_chip_hours():
   # From there the data axis doubles while it pays, starting at the rung that fitted.
   assert fake.calls[2] == ((2, 2, 1), "dots_saveable", 1)
   assert all(call[0][2] == 1 for call in fake.calls)  # no tensor parallelism was needed
+  # Pure data parallelism with dots_saveable fills all 16 GiB: under the 10% headroom asked
+  # for, so the next rung (2 micro-batches) is tried and kept.
+  assert ((4, 1, 1), "dots_saveable", 1) in fake.calls
+  assert any(r["mesh"] == [4, 1, 1] and r["micro_batches"] == 2 for r in result["rows"])
   hours = [r["chip_hours"] for r in result["rows"]]
   assert hours == sorted(hours) and result["rows"][0]["topology"] == "v5e:2x4"
   assert result["tried"] == len(fake.calls) and not result["left"]

@@ -19,4 +19,9 @@ class FlagError(UserError, ValueError):
   """A command-line flag has a value that cannot work."""
 
 
+class DivergedError(UserError, FloatingPointError):
+  """Training produced a non-finite loss or gradient (config.nonfinite_policy says what then):
+  the settings, not the code, need changing; the last checkpoint is kept."""
+
+
 INTERRUPTED_EXIT_CODE = 130  # a tool stopped by Ctrl-C (SIGINT) exits with it, as shells report

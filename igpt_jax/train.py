@@ -243,13 +243,13 @@ def _check_finite(fetched: list, first_step: int, config, skipped_so_far: int) -
     return 0
   if config.nonfinite_policy == "stop":
     m = fetched[bad[0] - first_step]
-    raise FloatingPointError(
+    raise errors.DivergedError(
         f"non-finite training step {bad[0]} (loss {float(m['loss'])}, grad norm "
         f"{float(m['grad_norm'])}). Stopped before any checkpoint of it: the last good "
         "checkpoint is still the latest. Lower config.learning_rate, enable "
         "config.grad_clip_norm, or set config.nonfinite_policy='skip'.")
   if skipped_so_far + len(bad) > config.max_nonfinite_skips:
-    raise FloatingPointError(
+    raise errors.DivergedError(
         f"{skipped_so_far + len(bad)} non-finite steps skipped (the last at step {bad[-1]}), "
         f"more than config.max_nonfinite_skips={config.max_nonfinite_skips}: the run is "
         "diverging. The last checkpoint holds only finite updates.")

@@ -156,6 +156,16 @@ def test_main_workdir_that_is_a_file_or_unwritable(tmp_path):
                     "/sys/igpt_jax_test_run is not writable", "permissions")
 
 
+def test_a_diverging_run_stops_in_one_line_and_keeps_its_checkpoint(tmp_path):
+  """A learning rate of 1e30 overflows the second step: one line naming the step and the
+  settings to change, exit 2, and the first step's checkpoint left as the latest."""
+  out = cli("main", QUICKSTART, f"--workdir={tmp_path}", "--config.learning_rate=1e30",
+            "--config.warmup_steps=0", "--config.total_steps=4", "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=1", "--config.eval_every_steps=100")
+  assert_user_error(out, "DivergedError", "non-finite training step 2", "learning_rate")
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
 def test_main_fewer_training_pixels_than_colors(tmp_path):
   """Two 8x8 digits are 128 pixels: too few for a 512-color palette. The message gives the
   counts actually used, not the config's."""

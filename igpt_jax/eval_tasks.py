@@ -160,6 +160,11 @@ class Evaluator:
     result["val_acc"] = result["layers"][str(best)]["val_acc"]
     result["test_acc"] = result["layers"][str(best)]["test_acc"]
     result["converged"] = all(v["converged"] for v in result["layers"].values())
+    # What the layers' fits used (config.eval.probe_solver asks; features over the host budget
+    # are fit by streamed SGD whatever it asks): one name, or "mixed".
+    used = sorted({v["solver"] for v in result["layers"].values()})
+    result["solver"] = used[0] if len(used) == 1 else "mixed"
+    result["solver_requested"] = c.eval.probe_solver
     if c.eval.raw_pixel_baseline:
       if self._raw_pixel is None:  # the same at every step: fit once per evaluator
         src = self.run.source

@@ -343,6 +343,7 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
   assert lp["dataset"] == "digits" and lp["checkpoint_step"] == 120
   assert sorted(lp["layers"], key=int) == ["1", "2", "3", "4"]
   assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (1350, 150, 297)
+  assert lp["solver"] == lp["solver_requested"] == "lbfgs"
   for row in lp["layers"].values():
     assert 0.5 < row["test_acc"] <= 1.0 and row["l2"] in row["l2_grid"]
     assert set(config.eval.probe_l2) <= set(row["l2_grid"])  # widened only when at an edge
@@ -629,3 +630,17 @@ def test_in_memory_probe_peak_is_what_the_host_budget_assumes(tmp_path, solver):
   assert not m["streamed"]
   ratio = m["grown"] / m["f32"]
   assert 2.0 < ratio <= probe.IN_MEMORY_PEAK_FACTOR, ratio
+
+
+def test_linear_probe_json_says_which_solver_the_layers_used(trained_quickstart, tmp_path):
+  """Features over eval.max_host_gib are fit by streamed SGD whatever probe_solver asks: the
+  top of linear_probe.json says so (and what was asked), as each layer's record does."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained_quickstart, workdir, ignore=shutil.ignore_patterns("eval"))
+  config = quickstart(workdir, **{"eval.tasks": "linear_probe", "eval.layers": "2",
+                                  "eval.max_host_gib": 1e-6, "eval.probe_sgd_epochs": 1,
+                                  "eval.raw_pixel_baseline": False})
+  lp = eval_tasks.evaluate(config, workdir)["linear_probe"]
+  assert lp["layers"]["2"]["solver"] == "sgd" and lp["layers"]["2"]["streamed"]
+  assert lp["solver"] == "sgd" and lp["solver_requested"] == "lbfgs"

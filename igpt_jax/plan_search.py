@@ -1,7 +1,8 @@
 """`plan --search`: which slice, mesh, remat policy and micro-batch count to train a config on.
 
-For a chip kind (v4, v5e, v5p, v6e, h100, h200) it walks the kind's slices from small to large
-(optionally up to a chip budget, or a given list of slices). On each slice it starts from pure
+For a chip kind (v4, v5e, v5p, v6e, h100, h200) it walks the kind's slices (optionally up to a
+chip budget, or a given list of slices), the most promising first: those nearest to 2 images per
+chip, then outwards, smaller slices before larger at equal distance. On each slice it starts from pure
 FSDP (1 x chips x 1) and compiles the train step with the cheapest settings first, moving to
 costlier ones only while the step does not fit: no remat, `dots_saveable` (recomputes the
 elementwise work), 2 micro-batches, `full` remat (recomputes the forward), then 2 and 4
@@ -38,6 +39,7 @@ SLICES = {
     "h200": ["1x8", "2x8", "4x8", "8x8", "16x8"],
 }
 # (remat policy, micro-batches), cheapest first: the first that fits is the one to use.
+IMAGES_PER_CHIP = 2
 LADDER = [("none", 1), ("dots_saveable", 1), ("dots_saveable", 2), ("full", 1), ("full", 2),
           ("full", 4)]
 
@@ -88,6 +90,15 @@ def candidate(base, mesh: tuple, remat: str, micro: int):
   return c
 
 
+def promising_first(topologies: list, batch: int) -> list:
+  """Slices in the order worth compiling under a time budget: nearest first to
+  `IMAGES_PER_CHIP` images per chip (few enough to fit without remat or micro-batches, enough to
+  keep each chip's matmuls large and its weight gathers amortised), then fewer chips first."""
+  def distance(t):
+    return abs(math.log2(batch / chips_in(t)) - math.log2(IMAGES_PER_CHIP))
+  return sorted(topologies, key=lambda t: (distance(t), chips_in(t)))
+
+
 def command(config_path: str, topology: str, mesh: tuple, remat: str, micro: int,
             extra: list) -> str:
   parts = [f"--config={config_path}", *extra, f"--config.mesh.data={mesh[0]}",
@@ -120,6 +131,7 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
     topologies = [t for t in topologies if chips_in(t) <= max_chips]
   if not topologies:
     raise errors.FlagError(f"--max_chips={max_chips}: no slice of those is that small.")
+  topologies = promising_first(topologies, base.batch_size)
   start = time.time()
   state = {"rows": [], "tried": 0, "skipped": 0, "left": []}
   devices_of = {}

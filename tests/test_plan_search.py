@@ -51,10 +51,13 @@ def test_search_climbs_the_ladder_and_the_data_axis_and_ranks_by_chip_hours():
     c.batch_size, c.total_steps = 128, 1000
   result = plan_search.search(c, "v5e", plan_fn=fake, devices_fn=lambda t: None,
                               slices=["v5e:2x2", "v5e:2x4"], log=lambda m: None)
+  # The slice nearer to 2 images per chip comes first (16 per chip on 8 chips, then 32 on 4).
+  assert fake.calls[0] == ((1, 8, 1), "none", 1)
+  four = [call for call in fake.calls if call[0][0] * call[0][1] * call[0][2] == 4]
   # 4 chips, pure FSDP: 32 images per chip do not fit without remat; dots_saveable does.
-  assert fake.calls[:2] == [((1, 4, 1), "none", 1), ((1, 4, 1), "dots_saveable", 1)]
+  assert four[:2] == [((1, 4, 1), "none", 1), ((1, 4, 1), "dots_saveable", 1)]
   # From there the data axis doubles while it pays, starting at the rung that fitted.
-  assert fake.calls[2] == ((2, 2, 1), "dots_saveable", 1)
+  assert four[2] == ((2, 2, 1), "dots_saveable", 1)
   assert all(call[0][2] == 1 for call in fake.calls)  # no tensor parallelism was needed
   # Pure data parallelism with dots_saveable fills all 16 GiB: under the 10% headroom asked
   # for, so the next rung (2 micro-batches) is tried and kept.
@@ -62,6 +65,8 @@ def test_search_climbs_the_ladder_and_the_data_axis_and_ranks_by_chip_hours():
   assert any(r["mesh"] == [4, 1, 1] and r["micro_batches"] == 2 for r in result["rows"])
   hours = [r["chip_hours"] for r in result["rows"]]
   assert hours == sorted(hours) and result["rows"][0]["topology"] == "v5e:2x4"
+  assert plan_search.promising_first(["v5e:2x2", "v5e:8x8", "v5e:16x16", "v5e:4x8"], 128) == [
+      "v5e:8x8", "v5e:4x8", "v5e:16x16", "v5e:2x2"]
   assert result["tried"] == len(fake.calls) and not result["left"]
 
 
@@ -71,7 +76,7 @@ def test_search_stops_at_its_time_budget_and_says_which_slices_are_left():
     c.batch_size = 128
   result = plan_search.search(c, "v5e", plan_fn=FakeCompiler(), devices_fn=lambda t: None,
                               budget_s=0.0, log=lambda m: None)
-  assert result["tried"] == 0 and result["left"][0] == "v5e:2x2"
+  assert result["tried"] == 0 and result["left"][0] == "v5e:8x8"  # 2 images per chip
   report = plan_search.report(result, "configs/quickstart.py", [], 1000)
   assert "time budget ran out" in report and "Nothing fits" in report
 

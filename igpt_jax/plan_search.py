@@ -157,8 +157,11 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
     return p
 
   def climb(topology, mesh, first_rung=0):
-    """The first rung of the ladder at which `mesh` fits: (row, rung), or (None, None)."""
+    """The first rung of the ladder at which `mesh` fits: (row, rung), or (None, None). Where
+    that is no remat and the step is bound by HBM traffic, the next rung too (dots_saveable
+    keeps fewer activations, so it can move less), and the better of the two."""
     chips = chips_in(topology)
+    found = None
     for rung, (remat, micro) in enumerate(LADDER):
       if rung < first_rung or mesh not in meshes(chips, base.batch_size, micro):
         continue
@@ -171,16 +174,18 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
       if "refused" in p:
         state["skipped"] += 1
         log(f"{head}: refused ({p['refused'][:100]})")
-        return None, None
+        return found or (None, None)
       if p["fits"] and p.get("hbm_headroom", 1.0) < min_headroom:
         log(f"{head}: fits with {100 * p['hbm_headroom']:.0f}% of HBM to spare, under the "
             f"{100 * min_headroom:.0f}% asked for (--min_headroom)")
+        if found:
+          return found
         continue
       if not p["fits"]:
         why = p.get("compiler_says") or f"{p['total_gib_per_device']:.1f} GiB"
         log(f"{head}: does not fit ({why[:120]})")
-        if p.get("compile_s") == 0.0:  # parameters and Adam alone: no setting helps
-          return None, None
+        if found or p.get("compile_s") == 0.0:  # Adam and parameters alone: nothing helps
+          return found or (None, None)
         continue
       step = p.get("roofline_step_s")
       row = {"topology": topology, "chips": chips, "mesh": list(mesh), "remat": remat,
@@ -193,8 +198,12 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
       log(f"{head}: fits, {row['gib']:.1f} GiB, step >= {1e3 * step:.0f} ms "
           f"({row['bound_by']}), MFU <= {100 * row['mfu']:.0f}%, "
           f"{row['chip_hours']:,.0f} chip-hours")
-      return row, rung
-    return None, None
+      if found:
+        return min(found, (row, rung), key=lambda f: f[0]["chip_hours"])
+      if remat != "none" or row["bound_by"] != "HBM":
+        return row, rung
+      found = (row, rung)
+    return found or (None, None)
 
   for i, topology in enumerate(topologies):
     chips = chips_in(topology)

@@ -283,24 +283,54 @@ def get_config():
 
 def import_hf(input_dir: str, workdir: str, base_config=None, *, overwrite: bool = False) -> str:
   """A transformers `save_pretrained` directory -> a run directory here."""
+  hf_cfg = _read_hf_config(input_dir)
+  state = _read_hf_weights(input_dir)
+  try:
+    params = from_hf_state(state, num_layers=hf_cfg["n_layer"], num_heads=hf_cfg["n_head"])
+  except KeyError as e:
+    raise ConversionError(f"{input_dir}: the weights have no tensor {e.args[0]!r}, which an "
+                          f"ImageGPT model of {hf_cfg['n_layer']} layers has: the weights do "
+                          "not match config.json, or are not ImageGPT's.") from e
+  palette = _read_hf_palette(input_dir, params["wte"].shape[0])
+  config = config_for(params, hf_cfg["n_head"], base_config)
+  return write_run(workdir, params, palette, config, overwrite=overwrite)
+
+
+def _read_hf_config(input_dir: str) -> dict:
+  """config.json of a transformers ImageGPT model, checked for what the import needs."""
   cfg_path = os.path.join(input_dir, "config.json")
   if not os.path.exists(cfg_path):
     raise ConversionError(f"{input_dir} has no config.json: pass a directory written by "
                           "ImageGPTForCausalImageModeling.save_pretrained.")
-  with open(cfg_path) as f:
-    hf_cfg = json.load(f)
-  state = _read_hf_weights(input_dir)
-  params = from_hf_state(state, num_layers=hf_cfg["n_layer"], num_heads=hf_cfg["n_head"])
-  palette = _read_hf_palette(input_dir, params["wte"].shape[0])
-  config = config_for(params, hf_cfg["n_head"], base_config)
-  return write_run(workdir, params, palette, config, overwrite=overwrite)
+  try:
+    with open(cfg_path) as f:
+      hf_cfg = json.load(f)
+  except ValueError as e:
+    raise ConversionError(f"{cfg_path} is not valid JSON ({e}).") from e
+  if not isinstance(hf_cfg, dict) or hf_cfg.get("model_type", "imagegpt") != "imagegpt":
+    kind = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else type(hf_cfg).__name__
+    raise ConversionError(f"{cfg_path} describes a {kind!r} model; only ImageGPT "
+                          "(model_type 'imagegpt') converts to iGPT.")
+  for field in ("n_layer", "n_head", "n_embd"):
+    value = hf_cfg.get(field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConversionError(f"{cfg_path}: {field}={value!r}; an ImageGPT config.json gives "
+                            f"n_layer, n_head and n_embd as positive integers.")
+  if hf_cfg["n_embd"] % hf_cfg["n_head"]:
+    raise ConversionError(f"{cfg_path}: n_head={hf_cfg['n_head']} does not divide "
+                          f"n_embd={hf_cfg['n_embd']}, so the heads have no whole width.")
+  return hf_cfg
 
 
 def _read_hf_weights(input_dir: str) -> dict:
   st = os.path.join(input_dir, "model.safetensors")
   if os.path.exists(st):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    return load_file(st)
+    try:
+      return load_file(st)
+    except Exception as e:  # pylint: disable=broad-except  # safetensors' own error types
+      raise ConversionError(f"{st} cannot be read as safetensors ({str(e)[:200]}): the file "
+                            "is damaged or not a safetensors file; save the model again.") from e
   binf = os.path.join(input_dir, "pytorch_model.bin")
   if os.path.exists(binf):
     try:
@@ -321,7 +351,35 @@ def _read_hf_palette(input_dir: str, k: int) -> np.ndarray:
     clusters = json.load(f).get("clusters")
   if clusters is None:
     raise ConversionError(f"{path} has no `clusters` (the {k}-color palette).")
-  return np.asarray(clusters, np.float32).reshape(-1, 3)
+  return checked_palette(clusters, k, path)
+
+
+def checked_palette_file(path: str, k: int) -> np.ndarray:
+  """A released palette file (kmeans_centers.npy) as a checked [k, 3] float32 array."""
+  if not os.path.exists(path):
+    raise errors.MissingError(f"--palette={path} does not exist: pass the released "
+                              "kmeans_centers.npy.")
+  try:
+    values = np.load(path, allow_pickle=False)
+  except ValueError as e:
+    raise ConversionError(f"--palette={path} is not a plain .npy array ({str(e)[:120]}); pass "
+                          "the released kmeans_centers.npy.") from e
+  return checked_palette(values, k, f"--palette={path}")
+
+
+def checked_palette(values, k: int, where: str) -> np.ndarray:
+  """`values` as a float32 [k, 3] palette, or a ConversionError saying what is wrong."""
+  try:
+    palette = np.asarray(values, np.float32)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f"{where}: the palette is not a rectangular array of numbers "
+                          f"({str(e)[:120]}); it should be {k} rows of 3 colors.") from e
+  if palette.ndim == 1 and palette.size % 3 == 0:
+    palette = palette.reshape(-1, 3)
+  if palette.shape != (k, 3) or not np.isfinite(palette).all():
+    raise ConversionError(f"{where}: the palette has shape {palette.shape}, not ({k}, 3) "
+                          f"finite colors for a model of {k} tokens.")
+  return palette
 
 
 def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: int = 0,
@@ -332,7 +390,7 @@ def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: in
   if not num_heads:
     raise ConversionError(f"width {width} is not a released iGPT size; pass --num_heads.")
   params = from_openai_variables(get, num_layers=num_layers, num_heads=num_heads)
-  palette = np.load(palette_path)
+  palette = checked_palette_file(palette_path, params["wte"].shape[0])
   return write_run(workdir, params, palette, config_for(params, num_heads, base_config),
                    overwrite=overwrite)
 
@@ -343,6 +401,12 @@ EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 def _check_export_dir(output_dir: str) -> None:
   """Export writes into a new or empty directory, or over a previous export; never elsewhere
   (e.g. a training run, whose config.json it would replace)."""
+  parent = output_dir
+  while not os.path.exists(parent):
+    parent = os.path.dirname(os.path.abspath(parent))
+  if not os.access(parent, os.W_OK):
+    raise ConversionError(f"--output={output_dir}: {parent} is not writable; pass a directory "
+                          "you can write to.")
   if not os.path.exists(output_dir):
     return
   if not os.path.isdir(output_dir):

@@ -5,6 +5,7 @@ existing run. Plus the inputs that used to be accepted and give wrong results.""
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,6 +279,75 @@ def test_export_never_writes_into_a_training_run(run, tmp_path):
   aside = [d for d in os.listdir(young) if d.startswith("replaced.")]
   assert len(aside) == 1 and snapshot(young / aside[0]) == before
   assert os.path.exists(young / "checkpoints" / "0")
+
+
+@pytest.fixture(scope="module")
+def hf_export(trained_quickstart, tmp_path_factory):
+  """The trained quickstart exported for transformers (a valid import source to break)."""
+  pytest.importorskip("safetensors")
+  out = tmp_path_factory.mktemp("hf") / "export"
+  done = cli("convert", "--to=hf", f"--workdir={trained_quickstart}", f"--output={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  return out
+
+
+def _broken_copy(src, dst, break_it):
+  shutil.copytree(src, dst)
+  break_it(dst)
+  return str(dst)
+
+
+def _edit_json(path, **changes):
+  with open(path) as f:
+    data = json.load(f)
+  data.update(changes)
+  for k, v in list(data.items()):
+    if v is None:
+      del data[k]
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+@pytest.mark.parametrize("case, break_it, phrase", [
+    ("another architecture", lambda d: _edit_json(d / "config.json", model_type="gpt2"),
+     "describes a 'gpt2' model"),
+    ("no n_layer", lambda d: _edit_json(d / "config.json", n_layer=None), "n_layer=None"),
+    ("heads do not divide the width",
+     lambda d: _edit_json(d / "config.json", n_head=3), "does not divide n_embd"),
+    ("fewer layers in the weights than the config says",
+     lambda d: _edit_json(d / "config.json", n_layer=9), "the weights have no tensor"),
+    ("corrupt safetensors", lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64),
+     "cannot be read as safetensors"),
+    ("ragged palette", lambda d: _edit_json(d / "preprocessor_config.json",
+                                            clusters=[[0.1, 0.2, 0.3], [0.1]]),
+     "not a rectangular array"),
+    ("palette of the wrong size", lambda d: _edit_json(d / "preprocessor_config.json",
+                                                       clusters=[[0.1, 0.2, 0.3]] * 3),
+     "not (16, 3)"),
+])
+def test_import_of_a_broken_transformers_model_says_what_is_wrong(hf_export, tmp_path, case,
+                                                                   break_it, phrase):
+  from igpt_jax import weights  # pylint: disable=g-import-not-at-top
+  source = _broken_copy(hf_export, tmp_path / "broken", break_it)
+  with pytest.raises(weights.ConversionError, match=re.escape(phrase)):
+    weights.import_hf(source, str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_import_and_export_file_errors_are_one_line(hf_export, run, tmp_path):
+  source = _broken_copy(hf_export, tmp_path / "broken",
+                        lambda d: (d / "model.safetensors").write_bytes(b"not safetensors"))
+  assert_user_error(cli("convert", "--source=hf", f"--input={source}",
+                        f"--workdir={tmp_path / 'out'}"), "cannot be read as safetensors")
+  # /sys is read-only even for root.
+  assert_user_error(cli("convert", "--to=hf", f"--workdir={run}",
+                        "--output=/sys/igpt_jax_export"), "is not writable")
+  np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object))
+  from igpt_jax import weights  # pylint: disable=g-import-not-at-top
+  with pytest.raises(weights.ConversionError, match="not a plain .npy array"):
+    weights.checked_palette_file(str(tmp_path / "pickled.npy"), 16)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    weights.checked_palette_file(str(tmp_path / "missing.npy"), 16)
 
 
 def test_probe_on_a_one_class_dataset_is_refused(run, tmp_path):

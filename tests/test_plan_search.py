@@ -70,6 +70,25 @@ def test_search_climbs_the_ladder_and_the_data_axis_and_ranks_by_chip_hours():
   assert result["tried"] == len(fake.calls) and not result["left"]
 
 
+def test_an_hbm_bound_step_without_remat_is_compared_with_dots_saveable():
+  """Without remat every activation is written and read back: where that makes the step
+  HBM-bound, dots_saveable (which keeps fewer) can be faster, so both are compiled."""
+  class HbmBound(FakeCompiler):
+    def __call__(self, c, devices, eval_forward):
+      p = super().__call__(c, devices, eval_forward)
+      p["bound_by"] = "HBM" if c.model.remat_policy == "none" else "compute"
+      p["roofline_step_s"] *= 1.5 if c.model.remat_policy == "none" else 1.0
+      return p
+  fake = HbmBound()
+  c = quickstart_config()
+  with c.unlocked():
+    c.batch_size, c.total_steps = 16, 1000
+  result = plan_search.search(c, "v5e", plan_fn=fake, devices_fn=lambda t: None,
+                              slices=["v5e:2x4"], log=lambda m: None)
+  assert fake.calls[:2] == [((1, 8, 1), "none", 1), ((1, 8, 1), "dots_saveable", 1)]
+  assert result["rows"][0]["remat"] == "dots_saveable"
+
+
 def test_search_stops_at_its_time_budget_and_says_which_slices_are_left():
   c = quickstart_config()
   with c.unlocked():

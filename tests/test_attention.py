@@ -119,6 +119,16 @@ def test_auto_never_resolves_to_the_cpu_loop_on_an_accelerator(dtype):
   assert [k for k, v in resolved.items() if v == "blockwise"] == [("cpu", "cpu")]
 
 
+def assert_kernel_matches_dense(impl, shape, causal):
+  """Outputs and q/k/v gradients of `impl` equal the dense reference to float32 rounding."""
+  q, k, v, ct = qkv_and_cotangent(shape)
+  out_d, grads_d = value_and_grads("dense", q, k, v, ct, causal=causal)
+  out_k, grads_k = value_and_grads(impl, q, k, v, ct, causal=causal)
+  np.testing.assert_allclose(out_k, out_d, atol=2e-5, rtol=1e-5)
+  for gk, gd in zip(grads_k, grads_d):
+    np.testing.assert_allclose(gk, gd, atol=5e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("batch, length, heads, head_dim", [
     (2, 256, 2, 64),  # two 128-wide tiles
@@ -127,12 +137,7 @@ def test_auto_never_resolves_to_the_cpu_loop_on_an_accelerator(dtype):
 def test_splash_matches_dense(batch, length, heads, head_dim, causal):
   """The TPU splash kernel, run in Pallas interpret mode on the CPU: outputs and q/k/v
   gradients equal the dense reference to float32 rounding."""
-  q, k, v, ct = qkv_and_cotangent((batch, length, heads, head_dim))
-  out_d, grads_d = value_and_grads("dense", q, k, v, ct, causal=causal)
-  out_s, grads_s = value_and_grads("splash", q, k, v, ct, causal=causal)
-  np.testing.assert_allclose(out_s, out_d, atol=2e-5, rtol=1e-5)
-  for gs, gd in zip(grads_s, grads_d):
-    np.testing.assert_allclose(gs, gd, atol=5e-5, rtol=1e-4)
+  assert_kernel_matches_dense("splash", (batch, length, heads, head_dim), causal)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -143,12 +148,7 @@ def test_splash_matches_dense(batch, length, heads, head_dim, causal):
 def test_pallas_gpu_matches_dense(batch, length, heads, head_dim, causal):
   """The Pallas GPU (Triton) flash-attention kernel, run in Pallas interpret mode on the CPU:
   outputs and q/k/v gradients equal the dense reference to float32 rounding."""
-  q, k, v, ct = qkv_and_cotangent((batch, length, heads, head_dim))
-  out_d, grads_d = value_and_grads("dense", q, k, v, ct, causal=causal)
-  out_p, grads_p = value_and_grads("pallas_gpu", q, k, v, ct, causal=causal)
-  np.testing.assert_allclose(out_p, out_d, atol=2e-5, rtol=1e-5)
-  for gp, gd in zip(grads_p, grads_d):
-    np.testing.assert_allclose(gp, gd, atol=5e-5, rtol=1e-4)
+  assert_kernel_matches_dense("pallas_gpu", (batch, length, heads, head_dim), causal)
 
 
 def test_model_output_is_the_same_with_every_cpu_kernel():

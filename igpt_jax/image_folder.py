@@ -30,6 +30,13 @@ def _listdirs(path):
 
 def scan_folder(root: str) -> dict[str, list[tuple[str, str]]]:
   """Returns {split: [(image path, label name), ...]} for a `<split>/<label>/<file>` tree."""
+  if os.path.isfile(root):
+    archive = root.endswith((".tar.gz", ".tgz", ".tar", ".zip", ".tar.bz2", ".tar.xz"))
+    raise errors.MissingError(
+        f"config.dataset={root} is " + ("an archive" if archive else "a file") + ", not a "
+        "folder: " + (f"extract it (e.g. mkdir DIR && tar -xf {root} -C DIR) and pass the "
+                      "folder that holds <split>/<label>/<image file>." if archive else
+                      "pass a folder laid out as <split>/<label>/<image file>, or a tfds name."))
   if not os.path.isdir(root):
     raise errors.MissingError(
         f"dataset folder {root} does not exist. config.dataset must be a tfds name or a folder "

@@ -302,8 +302,12 @@ def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState
       f"{jax.device_count()} device(s); warmup {trainer.warmup} steps.")
   sizes = trainer.run.source.split_sizes
   if sizes["validation"] == 0:
+    fix = ("set config.holdout_fraction > 0 to hold out part of the train split"
+           if c.holdout_fraction <= 0 else
+           f"{c.holdout_fraction:g} of {sizes['train']:,} training images rounds to none; raise "
+           "config.holdout_fraction or add images")
     log(f"No validation split (holdout_fraction={c.holdout_fraction}): validation bits/dim is "
-        "not computed; set config.holdout_fraction > 0 to hold out part of the train split.")
+        f"not computed; {fix}.")
   if sizes["train"] < c.batch_size:
     log(f"Warning: the training split has {sizes['train']:,} images, fewer than one batch "
         f"({c.batch_size}): every batch repeats them. Lower config.holdout_fraction "

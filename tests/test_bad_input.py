@@ -18,6 +18,7 @@ from conftest import REPO
 from conftest import metrics_by_step
 from conftest import quickstart_config
 from igpt_jax import checkpointing
+from igpt_jax import errors
 from igpt_jax import image_folder
 from igpt_jax import input_pipeline
 from igpt_jax import decoding
@@ -72,10 +73,10 @@ def assert_user_error(out, *phrases):
   text = out.stdout + out.stderr
   assert out.returncode == 2, (out.returncode, text[-3000:])
   assert "Traceback" not in text, text[-3000:]
-  errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1, out.stderr[-3000:]
+  error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+  assert len(error_lines) == 1, out.stderr[-3000:]
   for phrase in phrases:
-    assert phrase in errors[0], (phrase, errors[0])
+    assert phrase in error_lines[0], (phrase, error_lines[0])
 
 
 # --- main ---------------------------------------------------------------------------------
@@ -360,6 +361,17 @@ def test_probe_on_a_one_class_dataset_is_refused(run, tmp_path):
 
 
 # --- accepted before, and wrong ----------------------------------------------------------------
+
+def test_an_archive_given_as_the_dataset_says_to_extract_it(tmp_path):
+  archive = tmp_path / "cifar10_jpeg.tar.gz"
+  archive.write_bytes(b"\x1f\x8b")
+  with pytest.raises(errors.MissingError, match="is an archive, not a folder: extract it"):
+    image_folder.scan_folder(str(archive))
+  notes = tmp_path / "notes.txt"
+  notes.write_text("x")
+  with pytest.raises(errors.MissingError, match="is a file, not a folder"):
+    image_folder.scan_folder(str(notes))
+
 
 def test_no_validation_split_is_said_not_logged_as_zero(tmp_path, capsys):
   workdir = str(tmp_path)

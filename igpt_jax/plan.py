@@ -267,6 +267,11 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
     try:
       compiled = step_fn.lower(abstract, batch).compile()
     except Exception as e:  # pylint: disable=broad-except
+      if "cuDNN not found" in str(e):
+        raise errors.FlagError(
+            "attention 'cudnn' (what 'auto' picks on NVIDIA GPUs in bfloat16) needs cuDNN to "
+            "compile: pip install --no-deps 'nvidia-cudnn-cu12>=9.8,<10', or plan with "
+            "--config.model.attention=pallas_gpu.") from e
       message = out_of_memory(e)
       if message is None:
         raise

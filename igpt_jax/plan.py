@@ -402,7 +402,9 @@ def main(argv):
           f"{config.total_steps:,} steps; budget {FLAGS.search_budget_s:.0f} s):",
           file=sys.stderr, flush=True)
     result = plan_search.search(
-        config, FLAGS.search, plan_fn=plan, devices_fn=topology_devices, slices=FLAGS.slices,
+        config, FLAGS.search, devices_fn=topology_devices, slices=FLAGS.slices,
+        plan_fn=lambda c, **kw: plan(c, FLAGS.hbm_gib, gpu_mem_fraction=FLAGS.gpu_mem_fraction,
+                                     **kw),
         max_chips=FLAGS.max_chips, budget_s=FLAGS.search_budget_s,
         min_headroom=FLAGS.min_headroom,
         cache_dir=FLAGS.cache_dir or plan_search.default_cache_dir(),

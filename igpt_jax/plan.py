@@ -408,6 +408,7 @@ def main(argv):
         max_chips=FLAGS.max_chips, budget_s=FLAGS.search_budget_s,
         min_headroom=FLAGS.min_headroom,
         cache_dir=FLAGS.cache_dir or plan_search.default_cache_dir(),
+        cache_salt=f"hbm_gib={FLAGS.hbm_gib} gpu_mem_fraction={FLAGS.gpu_mem_fraction}",
         log=lambda m: print(m, file=sys.stderr, flush=True))
     if FLAGS.json:
       print(json.dumps(result))

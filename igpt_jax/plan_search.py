@@ -75,9 +75,10 @@ def _versions() -> dict:
   return out
 
 
-def cache_key(config, topology: str) -> str:
+def cache_key(config, topology: str, salt: str = "") -> str:
   blob = json.dumps({"config": json.loads(config.to_json_best_effort()),
-                     "topology": topology, "versions": _versions()}, sort_keys=True)
+                     "topology": topology, "versions": _versions(), "salt": salt},
+                    sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -109,9 +110,10 @@ def command(config_path: str, topology: str, mesh: tuple, remat: str, micro: int
 
 def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int = 0,
            budget_s: float = 1800, cache_dir: str | None = None, min_headroom: float = 0.1,
-           log=print) -> dict:
+           cache_salt: str = "", log=print) -> dict:
   """Compiles candidates (`plan_fn(config, devices=...)`, devices from
-  `devices_fn(topology)`: igpt_jax.plan's) until the search is done or `budget_s` is spent;
+  `devices_fn(topology)`: igpt_jax.plan's; `cache_salt`: whatever else changes its answer, such as
+  the HBM assumed) until the search is done or `budget_s` is spent;
   returns {"rows": [...fitting, ranked], "tried": n, "skipped": n, "left": [slices]}.
 
   On each slice: for tensor = 1, 2, 4, 8 (the next only while nothing fits), pure FSDP first,
@@ -138,7 +140,7 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
 
   def compile_one(topology, mesh, remat, micro):
     c = candidate(base, mesh, remat, micro)
-    path = (os.path.join(cache_dir, f"plan-{cache_key(c, topology)}.json") if cache_dir
+    path = (os.path.join(cache_dir, f"plan-{cache_key(c, topology, cache_salt)}.json") if cache_dir
             else None)
     if path and os.path.exists(path):
       with open(path) as f:

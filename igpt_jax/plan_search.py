@@ -1,9 +1,9 @@
 """`plan --search`: which slice, mesh, remat policy and micro-batch count to train a config on.
 
 For a chip kind (v4, v5e, v5p, v6e, h100, h200) it walks the kind's slices (optionally up to a
-chip budget, or a given list of slices), the most promising first: those nearest to 2 images per
-chip, then outwards, smaller slices before larger at equal distance. On each slice it starts from pure
-FSDP (1 x chips x 1) and compiles the train step with the cheapest settings first, moving to
+chip budget, or a given list of slices), the most promising first: those nearest to 2 images
+per chip, then outwards, smaller slices before larger at equal distance. On each slice it starts
+from pure FSDP (1 x chips x 1) and compiles the train step with the cheapest settings first, moving to
 costlier ones only while the step does not fit: no remat, `dots_saveable` (recomputes the
 elementwise work), 2 micro-batches, `full` remat (recomputes the forward), then 2 and 4
 micro-batches of it. From the first mesh that fits, the data axis doubles (replicas: more

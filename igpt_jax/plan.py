@@ -259,8 +259,8 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
 
   if params_b + opt_b > usable_gib * GIB:  # no compile can make this fit
     out.update({"fits": False, "compile_s": 0.0, "compiler_says": (
-        f"parameters and optimizer state alone take {(params_b + opt_b) / GIB:.1f} GiB per "
-        f"device, over the {usable_gib:.1f} GiB usable (not compiled)")})
+        f"parameters and optimizer state alone take {(params_b + opt_b) / GIB:.3g} GiB per "
+        f"device, over the {usable_gib:.3g} GiB usable (not compiled)")})
     return out
   with sharding.use(mesh, config):
     t0 = time.time()

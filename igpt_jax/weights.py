@@ -398,16 +398,24 @@ def import_openai(prefix: str, palette_path: str, workdir: str, *, num_heads: in
 EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
+def _check_writable(output_dir: str) -> None:
+  """Creates `output_dir` and a file in it (removed again), or says why it cannot."""
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    probe_file = os.path.join(output_dir, ".write_test")
+    with open(probe_file, "w"):
+      pass
+    os.remove(probe_file)
+  except OSError as e:
+    raise ConversionError(f"--output={output_dir} is not writable ({e.strerror}); pass a "
+                          "directory you can write to.") from e
+
+
 def _check_export_dir(output_dir: str) -> None:
   """Export writes into a new or empty directory, or over a previous export; never elsewhere
   (e.g. a training run, whose config.json it would replace)."""
-  parent = output_dir
-  while not os.path.exists(parent):
-    parent = os.path.dirname(os.path.abspath(parent))
-  if not os.access(parent, os.W_OK):
-    raise ConversionError(f"--output={output_dir}: {parent} is not writable; pass a directory "
-                          "you can write to.")
   if not os.path.exists(output_dir):
+    _check_writable(output_dir)
     return
   if not os.path.isdir(output_dir):
     raise ConversionError(f"--output={output_dir} is a file; pass a directory to export into.")
@@ -424,6 +432,7 @@ def _check_export_dir(output_dir: str) -> None:
         f"--output={output_dir} is not empty and is not a previous export (it holds "
         f"{', '.join(sorted(entries)[:5])}{', ...' if len(entries) > 5 else ''}); nothing was "
         "written. Export into a new or empty directory.")
+  _check_writable(output_dir)
 
 
 def export_hf(workdir: str, output_dir: str, config) -> str:

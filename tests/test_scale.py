@@ -88,20 +88,20 @@ def test_memory_plan_compiles_on_fake_devices_and_sees_fsdp():
   assert plans["2x2x2"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
-def test_plan_cli(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-                        "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
-                        "--hbm_gib=0.004"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+def _plan_quickstart(*flags):
+  return subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
+                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_plan_cli():
+  fsdp4 = ("--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1")
+  out = _plan_quickstart(*fsdp4, "--hbm_gib=0.004")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "800,000 parameters on 4 x cpu (data 1 x fsdp 4 x tensor 1)" in out.stdout
   assert "figures from XLA:CPU" in out.stdout and "attention blockwise" in out.stdout
   assert "DOES NOT FIT in 0.004 GiB" in out.stdout  # the step's temporaries do not fit
   assert "restore peak 0.00 GiB per device (one train state" in out.stdout
-  as_json = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-                            "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
-                            "--hbm_gib=0.004", "--json"], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)
+  as_json = _plan_quickstart(*fsdp4, "--hbm_gib=0.004", "--json")
   assert as_json.returncode == 0, as_json.stderr[-3000:]
   p = json.loads(as_json.stdout.strip().splitlines()[-1])
   assert p["parameters"] == 800_000 and p["fits"] is False and p["hbm_gib"] == 0.004
@@ -111,15 +111,11 @@ def test_plan_cli(tmp_path):
   assert 0.9 < p["flop_ratio"] < 1.3 and p["loops_counted_once"] == 0
   assert p["hbm_gb_per_device"] > 0 and "roofline_step_s" not in p
   # Parameters and Adam alone over HBM: said without compiling.
-  tiny = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-                         "--devices=4", "--config.mesh.fsdp=4", "--config.mesh.data=1",
-                         "--hbm_gib=0.001"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300)
+  tiny = _plan_quickstart(*fsdp4, "--hbm_gib=0.001")
   assert tiny.returncode == 0, tiny.stderr[-3000:]
   assert "parameters and optimizer state alone take 0.00" in tiny.stdout
   assert "(not compiled)" in tiny.stdout
-  bad = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-                        "--devices=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  bad = _plan_quickstart("--devices=3")
   assert bad.returncode == 2 and "batch_size=64" in bad.stderr and "Traceback" not in bad.stderr
 
 

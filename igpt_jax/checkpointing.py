@@ -235,7 +235,20 @@ def check_compatible(workdir: str, config, *, data: bool = False) -> None:
         f"workdir {workdir} holds a run with a different model; its checkpoints cannot be "
         f"restored with this config ({'; '.join(diffs)}). Use a new --workdir, or set those "
         "fields back.")
-  if not data or config.get("allow_data_change", False):
+  if not data:
+    return
+  # Clipping on or off changes the optimizer state's structure (one more link in its chain);
+  # the threshold itself may change freely.
+  old_clip, new_clip = get_field(saved, "grad_clip_norm", None), config.get("grad_clip_norm", 0)
+  if old_clip is not None and (old_clip > 0) != (new_clip > 0):
+    state = "on" if old_clip > 0 else "off"
+    raise IncompatibleRunError(
+        f"workdir {workdir} holds a run trained with gradient clipping {state} "
+        f"(config.grad_clip_norm: saved {old_clip!r}, now {new_clip!r}); its optimizer state "
+        "has another structure, so it cannot be resumed. Set config.grad_clip_norm "
+        + ("to any value > 0" if old_clip > 0 else "back to 0")
+        + " (the threshold may change), or use a new --workdir.")
+  if config.get("allow_data_change", False):
     return
   diffs = _differences(saved, config, DATA_DEFINING_FIELDS)
   if diffs:

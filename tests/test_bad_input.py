@@ -89,7 +89,8 @@ def bad_config_file(tmp_path):
 
 @pytest.mark.parametrize("case", [
     "unknown field", "unknown nested field", "missing config file", "config does not parse",
-    "bad override value", "model changed", "dataset changed", "truncated config.json",
+    "bad override value", "model changed", "dataset changed", "clipping turned off",
+    "truncated config.json",
     "palette wrong shape", "palette pickled objects", "palette changed",
 ])
 def test_main_on_an_existing_run(run, tmp_path, case):
@@ -120,6 +121,10 @@ def test_main_on_an_existing_run(run, tmp_path, case):
   elif case == "dataset changed":
     args.append(f"--config.dataset={tiny_folder(tmp_path / 'other')}")
     expect = ["trained on other data", "dataset: saved 'digits'", "allow_data_change"]
+  elif case == "clipping turned off":
+    args.append("--config.grad_clip_norm=0")
+    expect = ["gradient clipping on", "config.grad_clip_norm: saved 1.0, now 0",
+              "to any value > 0"]
   elif case == "truncated config.json":
     path = os.path.join(workdir, "config.json")
     restore = open(path).read()

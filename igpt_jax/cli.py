@@ -39,7 +39,13 @@ def _config_file_error(e: Exception, argv) -> errors.UserError:
     return errors.MissingError(f"config file {missing[0]} does not exist (--config="
                                f"{missing[0]}). Pass the path of a config file, e.g. "
                                "--config=configs/quickstart.py.")
-  text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+  raw = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  if "Traceback (most recent call last)" in raw:
+    # ml_collections wraps an error raised by get_config() with its traceback: keep the
+    # error's own line ("ConfigError: imagenet variant 'xxl': use one of ...").
+    last = [line for line in raw.strip().splitlines() if line.strip()][-1]
+    raw = last.split(": ", 1)[1] if ": " in last else last
+  text = " ".join(raw.split())
   hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
   if hint or isinstance(e, KeyError) or re.fullmatch(r"\W*\w+\W*", text):
     # ml_collections: an override of a field the config does not have.
@@ -51,8 +57,8 @@ def _config_file_error(e: Exception, argv) -> errors.UserError:
   if isinstance(e, SyntaxError):
     return errors.FlagError(f"config file {e.filename} does not parse: line {e.lineno}: "
                             f"{e.msg}. Fix the file, or pass another --config.")
-  return errors.FlagError(f"{' '.join(configs) or 'the flags'}: {text}. Check the --config "
-                          "path and the --config.<field>=<value> overrides.")
+  return errors.FlagError(f"{' '.join(configs) or 'the flags'}: {text.rstrip('.')}. Check the "
+                          "--config path and the --config.<field>=<value> overrides.")
 
 
 def parse_flags(argv):

@@ -154,6 +154,12 @@ def test_main_on_an_existing_run(run, tmp_path, case):
         f.write(restore)
 
 
+def test_an_error_inside_get_config_is_its_own_line_not_a_traceback(tmp_path):
+  out = cli("main", "--config=configs/imagenet.py:xxl", f"--workdir={tmp_path}")
+  assert_user_error(out, "imagenet variant 'xxl': use one of ['l', 'm', 's', 'xl']")
+  assert "File \"" not in out.stderr and ").." not in out.stderr
+
+
 def test_main_workdir_that_is_a_file_or_unwritable(tmp_path):
   a_file = tmp_path / "f"
   a_file.write_text("x")

@@ -138,7 +138,14 @@ def _is_folder(name: str) -> bool:
 
 
 def _data_dir(config) -> Optional[str]:
-  return os.path.expanduser(config.data_dir) if config.data_dir else None
+  """config.data_dir, expanded; a path that exists but is not a folder is refused."""
+  if not config.data_dir:
+    return None
+  path = os.path.expanduser(config.data_dir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise DatasetError(f"config.data_dir={config.data_dir} is a file, not a folder: set it to "
+                       "the folder that holds (or will hold) prepared tfds datasets.")
+  return path
 
 
 def _check_random_access(builder, name: str) -> None:
@@ -180,6 +187,16 @@ def _open_builder(config):
     builder = _array_record_builder(functools.partial(
         image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
     if not builder.is_prepared():
+      try:  # the configured root only: tfds moves the finished copy into place itself
+        os.makedirs(data_dir, exist_ok=True)
+        probe_file = os.path.join(data_dir, f".igpt_write_test.{os.getpid()}")
+        with open(probe_file, "w"):
+          pass
+        os.remove(probe_file)
+      except OSError as e:
+        raise DatasetError(
+            f"cannot write the converted copy of image folder {name} under {data_dir} "
+            f"({e.strerror}): set config.data_dir to a folder you can write to.") from e
       print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
             "(once per folder content) ...", flush=True)
       try:

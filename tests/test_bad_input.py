@@ -384,6 +384,19 @@ def test_an_archive_given_as_the_dataset_says_to_extract_it(tmp_path):
     image_folder.scan_folder(str(notes))
 
 
+def test_a_data_dir_that_is_a_file_or_read_only_names_config_data_dir(tmp_path):
+  folder = tiny_folder(tmp_path / "images")
+  a_file = tmp_path / "data_dir_file"
+  a_file.write_text("x")
+  with pytest.raises(input_pipeline.DatasetError, match="config.data_dir=.* is a file"):
+    input_pipeline.open_source(quickstart_config(dataset=folder, data_dir=str(a_file)))
+  # /sys is read-only even for root: the converted copy cannot be written there.
+  with pytest.raises(input_pipeline.DatasetError,
+                     match="cannot write the converted copy.*set config.data_dir"):
+    input_pipeline.open_source(quickstart_config(dataset=folder,
+                                                 data_dir="/sys/igpt_jax_data"))
+
+
 def test_no_validation_split_is_said_not_logged_as_zero(tmp_path, capsys):
   workdir = str(tmp_path)
   config = quickstart_config(total_steps=4, eval_every_steps=2, checkpoint_every_steps=4,

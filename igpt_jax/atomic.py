@@ -17,3 +17,14 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj, **dump_kwargs) -> None:
   write_text(path, json.dumps(obj, **dump_kwargs))
+
+
+def make_writable_dir(path: str) -> None:
+  """Creates folder `path` (and its parents) and writes and removes a file in it; raises the
+  OSError that says why not. Permission bits alone do not tell (root passes `os.access` on a
+  read-only mount), so this is the check that files can really be written there."""
+  os.makedirs(path, exist_ok=True)
+  probe = os.path.join(path, f".write_test_{os.getpid()}")
+  with open(probe, "w"):
+    pass
+  os.remove(probe)

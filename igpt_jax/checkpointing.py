@@ -179,11 +179,7 @@ def check_workdir(workdir: str, *, write: bool) -> None:
   if not write:
     return
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    atomic.make_writable_dir(workdir)
   except OSError as e:
     raise errors.UserError(f"--workdir={workdir} is not writable ({e.strerror}); pass a "
                            "directory you can write to, or fix its permissions.") from e

@@ -38,6 +38,7 @@ import numpy as np
 from absl import flags
 from PIL import Image as PILImage
 
+from igpt_jax import atomic
 from igpt_jax import errors
 from igpt_jax import image_folder
 from igpt_jax import palette as palette_lib
@@ -188,11 +189,7 @@ def _open_builder(config):
         image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
     if not builder.is_prepared():
       try:  # the configured root only: tfds moves the finished copy into place itself
-        os.makedirs(data_dir, exist_ok=True)
-        probe_file = os.path.join(data_dir, f".igpt_write_test.{os.getpid()}")
-        with open(probe_file, "w"):
-          pass
-        os.remove(probe_file)
+        atomic.make_writable_dir(data_dir)
       except OSError as e:
         raise DatasetError(
             f"cannot write the converted copy of image folder {name} under {data_dir} "

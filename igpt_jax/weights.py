@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from igpt_jax import atomic
 from igpt_jax import checkpointing
 from igpt_jax import config_lib
 from igpt_jax import errors
@@ -399,13 +400,9 @@ EXPORT_FILES = ("model.safetensors", "config.json", "preprocessor_config.json")
 
 
 def _check_writable(output_dir: str) -> None:
-  """Creates `output_dir` and a file in it (removed again), or says why it cannot."""
+  """Creates `output_dir` and checks that files can be written there, or says why not."""
   try:
-    os.makedirs(output_dir, exist_ok=True)
-    probe_file = os.path.join(output_dir, ".write_test")
-    with open(probe_file, "w"):
-      pass
-    os.remove(probe_file)
+    atomic.make_writable_dir(output_dir)
   except OSError as e:
     raise ConversionError(f"--output={output_dir} is not writable ({e.strerror}); pass a "
                           "directory you can write to.") from e

@@ -92,8 +92,8 @@ def step_costs(cfg, params, batch, repeats):
     run_block = jax.jit(functools.partial(
         decoding.draw_block, cfg, params, jax.random.PRNGKey(0), lo=lo, hi=hi, prefix_len=0,
         cfg=decoding.SamplingConfig()))
-    carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch),
-             kv_cache.empty_rows(cfg, batch))
+    carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch, lo),
+             kv_cache.empty(cfg, batch, 1))
     jax.block_until_ready(run_block(carry))
     costs[p] = median_time(lambda: jax.block_until_ready(run_block(carry)), repeats) / (hi - lo)
   return costs

@@ -1,21 +1,22 @@
 """Autoregressive decoding of a next-pixel iGPT over an explicit key/value cache.
 
-`decode(params, cfg, cache, prev, start, span)` runs the model on `T` consecutive positions
+`decode(params, cfg, cache, prev, start)` runs the model on `T` consecutive positions
 `start .. start+T-1` (T = 1 when sampling, a whole block when filling the cache from a given
 prefix) and returns their logits and their keys and values, which `write` puts in the cache.
 The same parameters as the training model (`igpt_jax.model.IGPT`) and the same math (`model.rms_norm`,
 `model.mlp`, `model.logits_of`), so the logits equal a full forward pass to float rounding
 (tests/test_decoding.py).
 
-What makes it fast:
-  * attention reads only the first `span` cache rows, a static bound: the sampler decodes in
-    blocks of positions and gives block b the span (b+1)·block, so a step's attention work
-    grows with its position instead of always covering the whole image;
-  * the cache is one array of keys and one of values, `[layers, batch, heads, seq_len,
-    head_dim]`, a loop carry written in place once per step. A step writes the previous
+What makes it fast (a step reads the cache once, and only as much of it as is filled):
+  * the cache holds one key and one value array per layer, `[batch, heads, length, head_dim]`,
+    as long as the rows decoded so far need (`grow` lengthens it, once per block of
+    positions). Attention reads whole arrays: slicing a layer out of a stacked cache, or
+    the filled rows out of a longer one, makes XLA copy them first, and on a CPU that copy
+    cost twice the reads themselves (bench/README.md);
+  * the arrays are loop carries written in place once per step. A step writes the previous
     position's rows first and then reads (it attends to the cache rows before it and to
-    itself), so the compiler never copies the whole cache to keep an old version alive (a
-    write placed after the reads, which nothing orders, made it copy both arrays every step);
+    itself), so the compiler never copies the cache to keep an old version alive (a write
+    placed after the reads, which nothing orders, made it copy every array every step);
   * the layers are a Python loop inside the step, so nothing restacks the cache.
 
 Shapes carry logical names (`act_batch`, `act_heads`), so under `sharding.use` the cache and
@@ -33,25 +34,36 @@ import jax.numpy as jnp
 
 from igpt_jax import model as model_lib
 
-CACHE_AXES = (None, "act_batch", "act_heads", None, None)
-_HEADS = ("act_batch", "act_heads", None, None)
+CACHE_AXES = ("act_batch", "act_heads", None, None)
 
 
 class Cache(NamedTuple):
-  key: jax.Array  # [layers, batch, heads, seq_len, head_dim], compute dtype
-  value: jax.Array
+  key: tuple  # one [batch, heads, length, head_dim] array per layer, compute dtype
+  value: tuple
 
 
-def empty(cfg: model_lib.ModelConfig, batch: int) -> Cache:
-  shape = (cfg.num_layers, batch, cfg.num_heads, cfg.seq_len, cfg.head_dim)
-  zeros = lambda: model_lib.constrain(jnp.zeros(shape, cfg.compute_dtype), CACHE_AXES)
+def _constrain(x):
+  return model_lib.constrain(x, CACHE_AXES)
+
+
+def empty(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
+  """A cache of `length` zero rows per layer (`length` = 1: the rows of one position, shaped
+  as `decode` returns them)."""
+  shape = (batch, cfg.num_heads, length, cfg.head_dim)
+  zeros = lambda: tuple(_constrain(jnp.zeros(shape, cfg.compute_dtype))
+                        for _ in range(cfg.num_layers))
   return Cache(zeros(), zeros())
 
 
-def empty_rows(cfg: model_lib.ModelConfig, batch: int) -> Cache:
-  """Zero keys and values of one position, shaped as `decode` returns them."""
-  shape = (cfg.num_layers, batch, cfg.num_heads, 1, cfg.head_dim)
-  return Cache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+def length(cache: Cache) -> int:
+  return cache.key[0].shape[2]
+
+
+def grow(cache: Cache, new_length: int) -> Cache:
+  """The cache lengthened to `new_length` rows with zero rows (one copy of the cache)."""
+  pad = lambda x: _constrain(jnp.pad(x, ((0, 0), (0, 0), (0, new_length - x.shape[2]),
+                                         (0, 0))))
+  return Cache(tuple(map(pad, cache.key)), tuple(map(pad, cache.value)))
 
 
 def embed(params, cfg: model_lib.ModelConfig, prev, start):
@@ -66,17 +78,17 @@ def embed(params, cfg: model_lib.ModelConfig, prev, start):
 
 def _attend(q, k, v, old_k, old_v, start):
   """Attention of T new positions (q, k, v: [batch, heads, T, head_dim]) over the cache rows
-  before `start` (old_k, old_v: [batch, heads, span, head_dim]) and, causally, each other."""
-  t, span = q.shape[2], old_k.shape[2]
+  before `start` (old_k, old_v: [batch, heads, length, head_dim]) and, causally, each other."""
+  t, length_ = q.shape[2], old_k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1])
   masked = jnp.finfo(jnp.float32).min
   old = jnp.einsum("bhtk,bhsk->bhts", q, old_k, preferred_element_type=jnp.float32)
-  old = jnp.where(jnp.arange(span) < start, old * scale, masked)
+  old = jnp.where(jnp.arange(length_) < start, old * scale, masked)
   new = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
   new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new * scale, masked)
   probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-  return (jnp.einsum("bhts,bhsk->bhtk", probs[..., :span], old_v)
-          + jnp.einsum("bhts,bhsk->bhtk", probs[..., span:], v))
+  return (jnp.einsum("bhts,bhsk->bhtk", probs[..., :length_], old_v)
+          + jnp.einsum("bhts,bhsk->bhtk", probs[..., length_:], v))
 
 
 def per_layer(blocks, num_layers: int) -> list:
@@ -88,13 +100,13 @@ def per_layer(blocks, num_layers: int) -> list:
   return [jax.tree_util.tree_map(lambda a, l=l: a[l], blocks) for l in range(num_layers)]
 
 
-def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start, span: int):
+def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start):
   """Logits [batch, T, vocab] (float32) of positions start..start+T-1 and their keys and values
-  (`Cache` of [layers, batch, heads, T, head_dim]), for `write`; the cache is only read.
+  (a `Cache` of T rows), for `write`; the cache is only read.
 
   prev: int32 [batch, T], the pixels at positions start-1..start+T-2 (ignored at position 0).
-  start: int (may be traced); span: static, start <= span <= seq_len. The positions attend to
-  the cache rows before `start` (read from the first `span` rows) and to each other.
+  start: int (may be traced), at most the cache's length. The positions attend to the cache
+  rows before `start` and to each other; the work grows with the cache's (static) length.
   """
   dtype = cfg.compute_dtype
   layers = per_layer(params["blocks"], cfg.num_layers)
@@ -106,11 +118,10 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start, span: 
 
     def heads(name, x=x, p=p):  # [batch, heads, T, head_dim]
       out = jnp.einsum("btd,dhk->bhtk", x, p["attn"][name].astype(dtype))
-      return model_lib.constrain(out, _HEADS)
+      return _constrain(out)
 
     k, v = heads("key"), heads("value")
-    out = _attend(heads("query"), k, v, cache.key[layer, :, :, :span],
-                  cache.value[layer, :, :, :span], start)
+    out = _attend(heads("query"), k, v, cache.key[layer], cache.value[layer], start)
     new_keys.append(k)
     new_values.append(v)
     h = h + jnp.einsum("bhtk,hkd->btd", out, p["attn"]["out"].astype(dtype))
@@ -118,15 +129,12 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start, span: 
     h = h + model_lib.mlp(x, p["mlp"]["fc"]["kernel"].astype(dtype),
                           p["mlp"]["proj"]["kernel"].astype(dtype))
   h = model_lib.rms_norm(h, params["ln_f"]["scale"])
-  rows = Cache(jnp.stack(new_keys), jnp.stack(new_values))
-  return model_lib.logits_of(h, params["wtet"], dtype), rows
+  return model_lib.logits_of(h, params["wtet"], dtype), Cache(tuple(new_keys), tuple(new_values))
 
 
 def write(cache: Cache, rows: Cache, start) -> Cache:
-  """The cache with `rows` ([layers, batch, heads, T, head_dim] keys and values, as `decode`
-  returns them) written at positions start..start+T-1."""
-  def put(stacked, new):
-    updated = jax.lax.dynamic_update_slice(stacked, new.astype(stacked.dtype),
-                                           (0, 0, 0, start, 0))
-    return model_lib.constrain(updated, CACHE_AXES)
-  return Cache(put(cache.key, rows.key), put(cache.value, rows.value))
+  """The cache with `rows` (keys and values of T positions, as `decode` returns them) written
+  at positions start..start+T-1, in place."""
+  def put(old, new):
+    return _constrain(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, start, 0)))
+  return Cache(tuple(map(put, cache.key, rows.key)), tuple(map(put, cache.value, rows.value)))

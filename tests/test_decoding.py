@@ -1,6 +1,7 @@
 """Sampling: the cached decoder against the naive sampler, distributions, infilling, the CLI."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import REPO
+from conftest import run_on_fake_devices
 from igpt_jax import model as model_lib
 from igpt_jax import decoding
 from igpt_jax import kv_cache
@@ -34,33 +36,56 @@ def test_cached_decoding_reproduces_full_forward_logits():
   tokens = jax.random.randint(jax.random.PRNGKey(2), (3, cfg.seq_len), 0, cfg.vocab_size)
   full = np.asarray(apply_fn(params, tokens))
   prev = jnp.concatenate([jnp.zeros((3, 1), jnp.int32), tokens[:, :-1]], axis=1)
-  step = jax.jit(kv_cache.decode, static_argnames=("cfg", "span"))
-  # One position at a time, each attending to the cache rows of its block of 8 and before.
-  cache = kv_cache.empty(cfg, 3)
+  step = jax.jit(kv_cache.decode, static_argnames=("cfg",))
+  # One position at a time, over a cache grown a block of 8 rows at a time.
+  cache = kv_cache.empty(cfg, 3, 0)
   for i in range(cfg.seq_len):
-    span = min(cfg.seq_len, (i // 8 + 1) * 8)
-    logits, rows = step(params, cfg, cache, prev[:, i:i + 1], i, span=span)
+    cache = kv_cache.grow(cache, max(kv_cache.length(cache), min(cfg.seq_len, (i // 8 + 1) * 8)))
+    logits, rows = step(params, cfg, cache, prev[:, i:i + 1], i)
     cache = kv_cache.write(cache, rows, i)
     np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, i], atol=1e-4, rtol=1e-4)
+  assert kv_cache.length(cache) == cfg.seq_len
   # A block of positions in one pass (how a given prefix fills the cache), then the rest.
-  cache = kv_cache.empty(cfg, 3)
-  first, rows = step(params, cfg, cache, prev[:, :20], 0, span=0)
-  rest, _ = step(params, cfg, kv_cache.write(cache, rows, 0), prev[:, 20:], 20, span=20)
+  first, rows = step(params, cfg, kv_cache.empty(cfg, 3, 0), prev[:, :20], 0)
+  cache = kv_cache.write(kv_cache.empty(cfg, 3, 20), rows, 0)
+  rest, _ = step(params, cfg, cache, prev[:, 20:], 20)
   np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-4, rtol=1e-4)
 
 
 def test_a_step_reads_only_the_cache_rows_of_its_block_and_before():
   cfg, params, _ = make_model(seq_len=64)
-  carry = (jnp.zeros((2, 64), jnp.int32), kv_cache.empty(cfg, 2), kv_cache.empty_rows(cfg, 2))
   read = []
   for lo in range(0, 64, 16):
+    carry = (jnp.zeros((2, 64), jnp.int32), kv_cache.empty(cfg, 2, lo), kv_cache.empty(cfg, 2, 1))
     block = jax.jit(lambda c, lo=lo: decoding.draw_block(
         cfg, params, jax.random.PRNGKey(0), c, lo, lo + 16, prefix_len=0,
         cfg=decoding.SamplingConfig(greedy=True)))
-    read.append(block.lower(carry).compile().cost_analysis()["bytes accessed"])
+    compiled = block.lower(carry).compile()
+    read.append(compiled.cost_analysis()["bytes accessed"])
+    # A step reads each layer's cache arrays where they are: nothing in it slices or copies
+    # an array the size of one (slicing a layer or the filled rows out of a longer cache did).
+    layer_cache = 2 * cfg.num_heads * (lo + 16) * cfg.head_dim
+    for dims in re.findall(r"= f32\[([\d,]+)\]\S* (?:slice|copy)\(",
+                           _loop_bodies(compiled.as_text())):
+      assert np.prod([int(d) for d in dims.split(",")]) < layer_cache, dims
   # XLA counts a loop body once: the bytes one step accesses, growing with its block.
   assert read[0] < read[1] < read[2] < read[3], read
   assert read[3] - read[2] > 0.5 * (read[1] - read[0]) > 0, read
+
+
+def _loop_bodies(hlo: str) -> str:
+  """The text of the computations a while loop runs as its body, and of their fusions."""
+  comps = {m.group(1): m.group(0) for m in re.finditer(
+      r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(?:.*\n)*?\}", hlo, re.M)}
+  todo = re.findall(r"while\(.*body=%?([\w.\-]+)", hlo)
+  seen = set()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    todo += re.findall(r"calls=%?([\w.\-]+)", comps[name])
+  return "\n".join(comps[n] for n in seen)
 
 
 @pytest.mark.parametrize("prefix_len,block", [(0, 0), (18, 8)])
@@ -239,3 +264,56 @@ def test_many_images_are_sampled_a_batch_at_a_time(trained_quickstart):
   images = trained.sample(params, 10, rng)
   assert images.shape == (10, 64) and images.max() < 16
   np.testing.assert_array_equal(images[4:8], trained.sample(params, 4, jax.random.fold_in(rng, 1)))
+
+
+SHARDED_SAMPLING = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import PartitionSpec as P
+from test_decoding import make_model
+from conftest import tiny_config
+from igpt_jax import decoding, kv_cache, sharding
+
+cfg, params, _ = make_model(head_scale=3.0, seq_len=64, width=64, vocab_size=32)
+prefix = jax.random.randint(jax.random.PRNGKey(4), (8, cfg.seq_len), 0, cfg.vocab_size)
+rng = jax.random.PRNGKey(5)
+one_device = np.asarray(decoding.sample(cfg, params, rng, prefix, prefix_len=20, block=16))
+config = tiny_config()
+config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+mesh = sharding.make_mesh(config)
+with sharding.use(mesh, config):
+  on_mesh = decoding.sample(cfg, params, rng, prefix, prefix_len=20, block=16)
+  carry = (prefix, kv_cache.empty(cfg, 8, 16), kv_cache.empty(cfg, 8, 1))
+  _, cache, _ = jax.jit(lambda c: decoding.draw_block(
+      cfg, params, rng, c, 16, 32, prefix_len=0, cfg=decoding.SamplingConfig()))(carry)
+print("SHARDED" + json.dumps({
+    "same": bool(np.array_equal(one_device, np.asarray(on_mesh))),
+    "devices": len(on_mesh.sharding.device_set),
+    "cache_spec": str(cache.key[0].sharding.spec),
+    "cache_shard": list(cache.key[0].addressable_shards[0].data.shape)}))
+"""
+
+
+def test_sampling_on_a_mesh_draws_the_images_of_one_device():
+  """Batch over data x fsdp, heads over tensor (8 fake devices): the cache is split that way
+  and the seed draws the same images as on one device."""
+  out = run_on_fake_devices(SHARDED_SAMPLING, tag="SHARDED")
+  assert out["same"] and out["devices"] == 8, out
+  assert out["cache_spec"] == str(jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")), out
+  # 8 images, 4 heads, 32 cache rows, head_dim 16: a quarter of the images, half the heads.
+  assert out["cache_shard"] == [2, 2, 32, 16], out
+
+
+def test_draws_are_jax_categorical_and_block_noise_is_per_step_noise():
+  """`choose` is `jax.random.categorical` (so a seed draws the images it always drew), and the
+  noise a block draws at once is the noise of each step drawn alone."""
+  logits = 2.0 * jax.random.normal(jax.random.PRNGKey(0), (5, 32, 512))
+  keys = [jax.random.fold_in(jax.random.PRNGKey(1), i) for i in range(3, 8)]
+  noise = decoding.block_noise(jax.random.PRNGKey(1), 3, 8, (32, 512))
+  for j, key in enumerate(keys):
+    np.testing.assert_array_equal(noise[j], decoding.gumbel_noise(key, (32, 512)))
+    expected = jax.random.categorical(key, logits[j])
+    np.testing.assert_array_equal(decoding.choose(key, logits[j], decoding.SamplingConfig()),
+                                  expected)
+    np.testing.assert_array_equal(
+        decoding.choose(key, logits[j], decoding.SamplingConfig(), noise[j]), expected)

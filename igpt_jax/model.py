@@ -47,7 +47,7 @@ class ModelConfig:
   attention: str = "auto"  # igpt_jax.attention.IMPLEMENTATIONS; all exact.
   attention_block: int = 128  # query block of the blockwise attention kernel.
   # Layers unrolled per iteration of the layer scan (1: a loop; num_layers: straight-line code,
-  # which `igpt_jax.plan` compiles so that XLA's cost analysis counts every layer).
+  # which `igpt_jax.planner` compiles so that XLA's cost analysis counts every layer).
   scan_unroll: int = 1
 
   @property

@@ -9,7 +9,7 @@ elementwise work), 2 micro-batches, `full` remat (recomputes the forward), then 
 micro-batches of it. From the first mesh that fits, the data axis doubles (replicas: more
 memory, fewer weight gathers) while that lowers the chip-hours; tensor parallelism (2, 4, 8) is
 tried only where nothing fits without it, or where the batch cannot be split over all chips.
-Every compile is a real one (`plan.plan`, without the evaluation forward) and is cached under
+Every compile is a real one (`planner.plan`, without the evaluation forward) and is cached under
 a key of everything that determines the program (the config, the slice, jax's and the
 compilers' versions), so a second search, or one with a larger budget, recompiles nothing.
 
@@ -111,9 +111,9 @@ def command(config_path: str, topology: str, mesh: tuple, remat: str, micro: int
 def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int = 0,
            budget_s: float = 1800, cache_dir: str | None = None, min_headroom: float = 0.1,
            cache_salt: str = "", log=print) -> dict:
-  """Compiles candidates (`plan_fn(config, devices=...)`, devices from
-  `devices_fn(topology)`: igpt_jax.plan's; `cache_salt`: whatever else changes its answer, such as
-  the HBM assumed) until the search is done or `budget_s` is spent;
+  """Compiles candidates (`plan_fn(config, devices=...)`, devices from `devices_fn(topology)`:
+  planner.topology_devices; `cache_salt`: whatever else changes its answer, such as the HBM
+  assumed) until the search is done or `budget_s` is spent;
   returns {"rows": [...fitting, ranked], "tried": n, "skipped": n, "left": [slices]}.
 
   On each slice: for tensor = 1, 2, 4, 8 (the next only while nothing fits), pure FSDP first,

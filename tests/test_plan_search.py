@@ -23,7 +23,7 @@ def test_meshes_split_each_micro_batch_evenly():
 
 
 class FakeCompiler:
-  """Stands in for plan.plan: a step fits when the activations per device (batch per device,
+  """Stands in for planner.plan: a step fits when the activations per device (batch per device,
   shrunk by remat, micro-batches and tensor parallelism) and the replicated weights fit; its
   time falls with fewer weight gathers (more data parallelism) and rises with remat."""
 

@@ -58,13 +58,13 @@ def test_gradient_accumulation_equals_the_full_batch():
 PLAN_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "tests")
-from igpt_jax import plan
+from igpt_jax import planner
 from conftest import tiny_config
 out = {}
 for name, mesh in {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "2x2x2": (2, 2, 2)}.items():
   c = tiny_config(**{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2],
                      "model.remat_policy": "full"})
-  out[name] = plan.plan(c, hbm_gib=1.0, costs=False)
+  out[name] = planner.plan(c, hbm_gib=1.0, costs=False)
 print("PLAN" + json.dumps(out))
 """
 

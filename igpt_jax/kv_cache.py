@@ -117,14 +117,19 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start):
     x = model_lib.rms_norm(h, p["ln_1"]["scale"]).astype(dtype)
 
     def heads(name, x=x, p=p):  # [batch, heads, T, head_dim]
-      out = jnp.einsum("btd,dhk->bhtk", x, p["attn"][name].astype(dtype))
-      return _constrain(out)
+      # A plain [d, heads x head_dim] matmul, its output then split into heads: an einsum
+      # straight to [batch, heads, T, head_dim] made XLA:CPU transpose the weights every step.
+      w = p["attn"][name]
+      out = jnp.dot(x, w.reshape(w.shape[0], -1).astype(dtype))
+      return _constrain(out.reshape(*x.shape[:2], *w.shape[1:]).transpose(0, 2, 1, 3))
 
     k, v = heads("key"), heads("value")
     out = _attend(heads("query"), k, v, cache.key[layer], cache.value[layer], start)
     new_keys.append(k)
     new_values.append(v)
-    h = h + jnp.einsum("bhtk,hkd->btd", out, p["attn"]["out"].astype(dtype))
+    w_out = p["attn"]["out"]  # [heads, head_dim, d]
+    out = out.transpose(0, 2, 1, 3).reshape(*h.shape[:2], -1)
+    h = h + jnp.dot(out, w_out.reshape(-1, w_out.shape[-1]).astype(dtype))
     x = model_lib.rms_norm(h, p["ln_2"]["scale"]).astype(dtype)
     h = h + model_lib.mlp(x, p["mlp"]["fc"]["kernel"].astype(dtype),
                           p["mlp"]["proj"]["kernel"].astype(dtype))

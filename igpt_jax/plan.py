@@ -4,13 +4,15 @@ r"""Memory and speed plan of a config on devices you do not have: compile, alloc
       [--config.mesh.fsdp=64 --config.mesh.tensor=2] [--json]
   python -m igpt_jax.plan --config=configs/xl.py --topology=h100:8x8   # 8 hosts of 8 H100s
   python -m igpt_jax.plan --config=configs/l.py --search=v5e [--max_chips=64]
+  python -m igpt_jax.plan --config=configs/l.py --topology=h100:1x8 --sample_batch=64
 
 With `--topology`, the devices are compile-only devices known to a real compiler without the
 hardware: a TPU slice (v4:2x2x1 ... v4:8x8x16, v5e:2x2 ... v5e:16x16, v5p:..., v6e:...) for
 libtpu's XLA:TPU compiler (`pip install -e ".[tpu]"`), or NVIDIA GPUs as hosts x GPUs per host
 (h100:1x8, h200:4x8) for jax-cuda12-plugin's XLA:GPU compiler with the target configs in
 igpt_jax/gpu_targets/. Without it, `--devices` fake CPU devices stand in (the CPU compiler).
-`--search` tries many slices and settings (plan_search.py).
+`--search` tries many slices and settings (plan_search.py). `--sample_batch=N` plans the
+key/value-cached sampler for N images at a time instead (sample_plan.py).
 
 Builds the config's mesh over the devices, abstract (shape-only) train state and batch with
 their shardings, lowers and compiles the real train step and the evaluation forward, and prints
@@ -58,6 +60,9 @@ flags.DEFINE_float("min_headroom", 0.1, "With --search: the share of usable HBM 
                    "must leave free to count as fitting.")
 flags.DEFINE_string("cache_dir", None, "With --search: where compiled plans are cached "
                     "(default ~/.cache/igpt_jax/plans).")
+flags.DEFINE_integer("sample_batch", 0, "Plan the key/value-cached sampler instead of the train "
+                     "step: memory, cache and a pixels/s bound for this many images at a time "
+                     "(next-pixel configs).")
 flags.DEFINE_bool("json", False, "Print the figures as one JSON object instead of text.")
 flags.mark_flags_as_required(["config"])
 flags.register_validator("devices", lambda n: n > 0, "--devices must be a positive count.")
@@ -71,6 +76,10 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.search and FLAGS.topology:
     raise app.UsageError("--search tries many slices; give --slices instead of --topology.")
+  if FLAGS.search and FLAGS.sample_batch:
+    raise app.UsageError("--search ranks train-step plans; plan the sampler on one --topology.")
+  if FLAGS.sample_batch < 0:
+    raise app.UsageError("--sample_batch must be >= 0 (0 plans the train step).")
   planner.use_fake_devices(1 if FLAGS.topology or FLAGS.search else FLAGS.devices)
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # optax's and orbax's INFO lines
@@ -102,8 +111,14 @@ def main(argv):
 
   def plan_and_print(config):
     devices = planner.topology_devices(FLAGS.topology) if FLAGS.topology else None
+    if FLAGS.sample_batch:
+      from igpt_jax import sample_plan  # pylint: disable=g-import-not-at-top
+      p = sample_plan.plan(config, FLAGS.sample_batch, FLAGS.hbm_gib, devices=devices,
+                           costs=FLAGS.costs, gpu_mem_fraction=FLAGS.gpu_mem_fraction)
+      print(json.dumps(p) if FLAGS.json else sample_plan.format_plan(p), flush=True)
+      return
     p = planner.plan(config, FLAGS.hbm_gib, devices=devices, costs=FLAGS.costs,
-             gpu_mem_fraction=FLAGS.gpu_mem_fraction)
+                     gpu_mem_fraction=FLAGS.gpu_mem_fraction)
     print(json.dumps(p) if FLAGS.json else planner.format_plan(p), flush=True)
 
   cli.run_reporting_user_errors(plan_and_print, FLAGS.config)

@@ -119,6 +119,33 @@ def test_plan_cli():
   assert bad.returncode == 2 and "batch_size=64" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_sampler_plan_cli():
+  """--sample_batch plans the key/value-cached sampler: its cache per device follows the mesh
+  (images over data, heads over tensor), FLOPs are read from the program with each decoding
+  loop counted as often as it runs; a batch the mesh cannot split and a masked-pixel config
+  are refused in one line."""
+  mesh = ("--devices=4", "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2")
+  out = _plan_quickstart(*mesh, "--sample_batch=8", "--json")
+  assert out.returncode == 0, out.stderr[-3000:]
+  p = json.loads(out.stdout.strip().splitlines()[-1])
+  # configs/quickstart.py: 4 layers x 128, 4 heads of 32, 8x8 images (64 pixels), float32.
+  assert p["program"] == "sampler" and p["positions"] == 64
+  assert p["kv_cache_gib_per_device"] * 2**30 == 2 * 4 * (8 // 2) * 64 * (4 // 2) * 32 * 4
+  assert p["temp_gib_per_device"] >= p["kv_cache_gib_per_device"] and p["fits"]
+  assert p["loops_counted_once"] == 0
+  # Blocks of 32 positions attend over whole blocks: a little more than the causal count.
+  assert 1.0 <= p["compiler_tflop_per_device"] / p["model_tflop_per_device"] < 1.3
+  assert p["comm_gb_per_device"]  # heads over tensor: the attention output is summed
+  text = _plan_quickstart(*mesh, "--sample_batch=8")
+  assert ("sampler of 800,000 parameters on 4 x cpu (data 2 x fsdp 1 x tensor 2): 8 images "
+          "of 8x8 (64 pixels each, decoded in blocks of 32)") in text.stdout, text.stdout
+  bad = _plan_quickstart(*mesh, "--sample_batch=3")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "multiple of the mesh's data x fsdp size (2)" in bad.stderr
+  bert = _plan_quickstart(*mesh, "--sample_batch=8", "--config.objective=masked_pixel")
+  assert bert.returncode == 2 and "iterative infilling" in bert.stderr, bert.stderr[-2000:]
+
+
 # --- multi-process settings -----------------------------------------------------------------
 
 @pytest.fixture

@@ -196,3 +196,26 @@ def test_plan_compiles_the_pallas_gpu_attention_kernel_for_sm_90a():
   assert p["attention"] == "pallas_gpu" and p["sm"] == "sm_90a" and p["fits"]
   assert any("triton" in c.lower() for c in p["custom_calls"]), p["custom_calls"]
   assert 0.9 < p["flop_ratio"] < 1.3
+
+
+@pytest.mark.parametrize("topology", ["h100:1x8", "v5e:2x4"])
+def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
+  """`plan --sample_batch`: the cached sampler of a 2-layer iGPT-S (32x32, bfloat16) compiled
+  for 8 H100s and for a v5e slice, images over data and heads over tensor. The cache per device
+  is the formula's, the compiled FLOPs the model's, and at 16 images the draw is HBM-bound."""
+  if topology.startswith("h100"):
+    requires_gpu_compiler()
+  else:
+    requires_tpu_compiler()
+  p, _ = _plan_json("--config=configs/s.py", f"--topology={topology}", "--sample_batch=16",
+                    "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
+                    "--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.mesh.tensor=2")
+  assert p["devices"] == 8 and p["positions"] == 1024 and p["fits"]
+  # 2 layers x (16 / 4 images) x 1024 positions x (512 / 2 channels) x keys and values, bf16.
+  assert p["kv_cache_gib_per_device"] * GIB == 2 * 2 * 4 * 1024 * 256 * 2
+  assert p["temp_gib_per_device"] >= p["kv_cache_gib_per_device"]
+  assert p["loops_counted_once"] == 0
+  assert 0.9 < p["compiler_tflop_per_device"] / p["model_tflop_per_device"] < 1.3
+  assert p["bound_by"] == "HBM"
+  assert p["pixels_per_s_bound"] == pytest.approx(16 * 1024 / p["roofline_batch_s"])
+  assert p["roofline_step_ms"] == pytest.approx(1e3 * p["roofline_batch_s"] / 1024)

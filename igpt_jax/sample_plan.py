@@ -1,0 +1,172 @@
+"""Memory and speed plan of the sampler (`decoding.sample`) on devices you may not have.
+
+`plan(config, batch, devices=...)` compiles the key/value-cached sampler of a next-pixel config
+for `batch` unconditional images at once, on the config's mesh over the devices (compile-only
+TPU or GPU devices from `planner.topology_devices`, or the current ones), with the parameters
+laid out as training lays them out: images over data x fsdp, heads over tensor. Nothing is
+allocated. It returns, per device: the parameters, the key/value cache (2 x layers x images x
+positions x width in the compute dtype, split like the images and heads), the compiler's
+temporaries (which hold the cache) and whether it all fits; and, read from the compiled program
+with every decoding loop counted as often as it runs (hlo_cost.py), the FLOPs, HBM traffic and
+bytes sent per link of drawing the whole batch, with the roofline time (chips.py) and the
+pixels/s and images/s it bounds. The roofline leaves out what a step costs beyond its FLOPs and
+bytes (kernel launches, loop overhead), which at small batches can dominate a real step.
+"""
+
+from igpt_jax import errors
+from igpt_jax import planner
+
+GIB = planner.GIB
+
+
+def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: bool = True,
+         gpu_mem_fraction: float = 0.75) -> dict:
+  """The sampler's figures for `batch` images of `config` on `devices` (see the module doc)."""
+  import time  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from igpt_jax import chips  # pylint: disable=g-import-not-at-top
+  from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import decoding  # pylint: disable=g-import-not-at-top
+  from igpt_jax import flops  # pylint: disable=g-import-not-at-top
+  from igpt_jax import hlo_cost  # pylint: disable=g-import-not-at-top
+  from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
+
+  devices = list(jax.devices() if devices is None else devices)
+  platform = devices[0].platform
+  chip = chips.for_device(devices[0])
+  hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
+  usable_gib = hbm_gib * gpu_mem_fraction if platform == "gpu" else hbm_gib
+  config_lib.validate(config, len(devices), platform=platform)
+  if config.objective != "next_pixel":
+    raise errors.FlagError(
+        f"--sample_batch: config.objective={config.objective!r} is sampled by iterative "
+        "infilling (full forward passes, no key/value cache); the sampler plan is for "
+        "next-pixel models. Plan its evaluation forward with the train-step plan instead.")
+  mesh = sharding.make_mesh(config, devices)
+  image_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch <= 0 or batch % image_shards:
+    raise errors.FlagError(
+        f"--sample_batch={batch}: must be a positive multiple of the mesh's data x fsdp size "
+        f"({image_shards}), over which the images are split.")
+  model, _, tx = train_state.model_and_optimizer(config, train_state.warmup_steps(config))
+  model_cfg = model.cfg
+  abstract, shardings = train_state.abstract_train_state(model, tx, mesh, config)
+  params_b = planner.per_device_bytes(abstract.params, shardings.params)
+  n = model_cfg.seq_len
+  heads_split = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
+  cache_b = (2 * model_cfg.num_layers * (batch // image_shards) * n
+             * (model_cfg.num_heads // heads_split) * model_cfg.head_dim
+             * np.dtype(model_cfg.compute_dtype).itemsize)
+  out = {
+      "program": "sampler",
+      "devices": len(devices),
+      "device_kind": devices[0].device_kind,
+      "compiler": f"XLA:{platform.upper()}",
+      "mesh": dict(mesh.shape),
+      "parameters": model_lib.count_params(abstract.params),
+      "sample_batch": batch,
+      "image_size": config.image_size,
+      "positions": n,
+      "decoding_block": decoding.default_block(n),
+      "dtype": config.model.dtype,
+      "params_gib_per_device": params_b / GIB,
+      "kv_cache_gib_per_device": cache_b / GIB,
+      "hbm_gib": hbm_gib,
+      "usable_gib": usable_gib,
+  }
+  if platform == "gpu":
+    out["gpu_mem_fraction"] = gpu_mem_fraction
+  if chip is not None:
+    out["chip"] = chip.name
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  prefix = jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=batch_sharding)
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+  draw = jax.jit(lambda p, r, x: decoding.sample(model_cfg, p, r, x),
+                 in_shardings=(shardings.params, sharding.replicated(mesh), batch_sharding),
+                 out_shardings=batch_sharding)
+  with sharding.use(mesh, config):
+    t0 = time.time()
+    try:
+      compiled = draw.lower(abstract.params, rng, prefix).compile()
+    except Exception as e:  # pylint: disable=broad-except
+      message = planner.out_of_memory(e)
+      if message is None:
+        raise
+      out.update({"fits": False, "compiler_says": message, "compile_s": time.time() - t0})
+      return out
+  out["compile_s"] = time.time() - t0
+  mem = compiled.memory_analysis()
+  temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  total = params_b + temp_b
+  out.update({"temp_gib_per_device": temp_b / GIB, "total_gib_per_device": total / GIB,
+              "hbm_headroom": 1.0 - total / (usable_gib * GIB),
+              "fits": total <= usable_gib * GIB})
+  if costs:
+    cost = hlo_cost.analyze(compiled.as_text(), len(devices))
+    model_flops = flops.sample_flops_per_token_of(model_cfg) * batch * n / len(devices)
+    out.update({"model_tflop_per_device": model_flops / 1e12,
+                "compiler_tflop_per_device": cost.flops / 1e12,
+                "hbm_gb_per_device": cost.hbm_bytes / 1e9,
+                "loops_counted_once": sum(1 for l in cost.loops if l[2] == "unknown")})
+    out.update(planner.communication(cost, list(mesh.devices.flat), chip))
+    if chip is not None:
+      roof = chips.roofline(model_flops, cost.flops, cost.hbm_bytes,
+                            out.get("comm_bound_s", 0.0), chip)
+      seconds = roof["roofline_step_s"]
+      out.update({"roofline_batch_s": seconds, "bound_by": roof["bound_by"],
+                  "compute_bound_s": roof["compute_bound_s"],
+                  "memory_bound_s": roof["memory_bound_s"],
+                  "roofline_step_ms": 1e3 * seconds / n,
+                  "pixels_per_s_bound": batch * n / seconds if seconds else float("inf"),
+                  "images_per_s_bound": batch / seconds if seconds else float("inf")})
+  return out
+
+
+def format_plan(p: dict) -> str:
+  mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
+  size = p["image_size"]
+  lines = [
+      f"sampler of {p['parameters']:,} parameters on {p['devices']} x {p['device_kind']} "
+      f"({mesh}): {p['sample_batch']} images of {size}x{size} ({p['positions']:,} pixels each, "
+      f"decoded in blocks of {p['decoding_block']}) at a time, compute {p['dtype']}; figures "
+      f"from {p['compiler']}"]
+  usable = (f"{p['usable_gib']:.1f} GiB usable of {p['hbm_gib']:g} GiB per device (jax's "
+            f"{100 * p['gpu_mem_fraction']:.0f}% memory pool)" if "gpu_mem_fraction" in p
+            else f"{p['hbm_gib']:g} GiB per device")
+  if "compiler_says" in p:
+    lines.append(f"  DOES NOT FIT in {usable}: the compiler refused it after "
+                 f"{p['compile_s']:.0f} s: {p['compiler_says']}; try fewer images at a time")
+    return "\n".join(lines)
+  lines += [
+      f"  per device: parameters {p['params_gib_per_device']:.2f} GiB | key/value cache "
+      f"{p['kv_cache_gib_per_device']:.2f} GiB | temporaries (the cache included) "
+      f"{p['temp_gib_per_device']:.2f} GiB | total {p['total_gib_per_device']:.2f} GiB",
+      f"  {'fits' if p['fits'] else 'DOES NOT FIT'} in {usable} ({100 * p['hbm_headroom']:.0f}% "
+      f"headroom; compiled in {p['compile_s']:.0f} s)",
+  ]
+  if "compiler_tflop_per_device" in p:
+    comm = ", ".join(f"{v:.3g} GB over {planner.LINK_NAMES[k]}"
+                     for k, v in p["comm_gb_per_device"].items()) or "nothing"
+    lines.append(
+        f"  per device for the batch: {p['model_tflop_per_device']:.3g} model TFLOP, "
+        f"{p['compiler_tflop_per_device']:.3g} in the compiled program, "
+        f"{p['hbm_gb_per_device']:.3g} GB of HBM traffic; sends {comm}")
+    if p["loops_counted_once"]:
+      lines.append(f"  ({p['loops_counted_once']} loop(s) whose trip count could not be read "
+                   "are counted once)")
+  if "roofline_batch_s" in p:
+    lines.append(
+        f"  roofline on {p['chip']}: the batch takes >= {p['roofline_batch_s']:.3g} s "
+        f"({p['bound_by']}-bound; compute {p['compute_bound_s']:.3g} s, HBM "
+        f"{p['memory_bound_s']:.3g} s), a step (one pixel of every image) >= "
+        f"{p['roofline_step_ms']:.3g} ms: at most {p['pixels_per_s_bound']:,.0f} pixels/s, "
+        f"{p['images_per_s_bound']:.3g} images/s on these {p['devices']} devices (per-step "
+        "launch and loop overheads not included)")
+  return "\n".join(lines)

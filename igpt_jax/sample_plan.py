@@ -9,7 +9,10 @@ positions x width in the compute dtype, split like the images and heads), the co
 temporaries (which hold the cache) and whether it all fits; and, read from the compiled program
 with every decoding loop counted as often as it runs (hlo_cost.py), the FLOPs, HBM traffic and
 bytes sent per link of drawing the whole batch, with the roofline time (chips.py) and the
-pixels/s and images/s it bounds. The roofline leaves out what a step costs beyond its FLOPs and
+pixels/s and images/s it bounds. The TPU and GPU compilers turn the attention's matrix-vector
+products (one query per image and step) into multiply-reduce fusions, which hlo_cost does not
+count as matmuls: the compiled count is the weights' matmuls, a little under the model's, and
+the roofline takes the larger of the two. The roofline leaves out what a step costs beyond its FLOPs and
 bytes (kernel launches, loop overhead), which at small batches can dominate a real step.
 """
 

@@ -202,7 +202,8 @@ def test_plan_compiles_the_pallas_gpu_attention_kernel_for_sm_90a():
 def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
   """`plan --sample_batch`: the cached sampler of a 2-layer iGPT-S (32x32, bfloat16) compiled
   for 8 H100s and for a v5e slice, images over data and heads over tensor. The cache per device
-  is the formula's, the compiled FLOPs the model's, and at 16 images the draw is HBM-bound."""
+  is the formula's, the compiled FLOPs the weights' share of the model's, and on the H100s the
+  draw is HBM-bound (XLA:TPU keeps this small model's arrays in on-chip memory: not there)."""
   if topology.startswith("h100"):
     requires_gpu_compiler()
   else:
@@ -215,7 +216,12 @@ def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
   assert p["kv_cache_gib_per_device"] * GIB == 2 * 2 * 4 * 1024 * 256 * 2
   assert p["temp_gib_per_device"] >= p["kv_cache_gib_per_device"]
   assert p["loops_counted_once"] == 0
-  assert 0.9 < p["compiler_tflop_per_device"] / p["model_tflop_per_device"] < 1.3
-  assert p["bound_by"] == "HBM"
+  # Both compilers turn the attention's matrix-vector products (one query per image) into
+  # multiply-reduce fusions, which hlo_cost does not count as matmul FLOPs: the weights'
+  # matmuls are all of the compiled count, 0.90 of the model's here (attention 0.10-0.14).
+  ratio = p["compiler_tflop_per_device"] / p["model_tflop_per_device"]
+  assert 0.85 < ratio < 1.0, ratio
+  if topology.startswith("h100"):  # every step reads the weights and the cache from HBM
+    assert p["bound_by"] == "HBM" and p["hbm_gb_per_device"] > 1024 * p["params_gib_per_device"]
   assert p["pixels_per_s_bound"] == pytest.approx(16 * 1024 / p["roofline_batch_s"])
   assert p["roofline_step_ms"] == pytest.approx(1e3 * p["roofline_batch_s"] / 1024)

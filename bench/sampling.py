@@ -90,7 +90,8 @@ def step_costs(cfg, params, batch, repeats):
     hi = min(n, lo + block)
 
     run_block = jax.jit(functools.partial(
-        decoding.draw_block, cfg, params, jax.random.PRNGKey(0), lo=lo, hi=hi, prefix_len=0,
+        decoding.draw_block, cfg, kv_cache.for_decoding(params, cfg), jax.random.PRNGKey(0),
+        lo=lo, hi=hi, prefix_len=0,
         cfg=decoding.SamplingConfig()))
     carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch, lo),
              kv_cache.empty(cfg, batch, 1))

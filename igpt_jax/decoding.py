@@ -154,7 +154,7 @@ def sample(model_cfg: model_lib.ModelConfig, params, rng, prefix, *, prefix_len:
                      "are sampled by iterative infilling (igpt_jax.decoding.infill).")
   batch, seq_len = prefix.shape
   block = block or default_block(seq_len)
-  params = dict(params, blocks=kv_cache.per_layer(params["blocks"], model_cfg.num_layers))
+  params = kv_cache.for_decoding(params, model_cfg)
   tokens = prefix.astype(jnp.int32)
   cache = kv_cache.empty(model_cfg, batch, 0)
   pending = kv_cache.empty(model_cfg, batch, 1)  # keys and values not yet in the cache

@@ -280,6 +280,21 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   return out
 
 
+def cost_lines(p: dict, per: str) -> list:
+  """The report's lines of FLOPs, HBM traffic and bytes sent per link (`per`: what they are
+  counted over, e.g. "per device and step")."""
+  comm = ", ".join(f"{v:.3g} GB over {LINK_NAMES[k]}"
+                   for k, v in p["comm_gb_per_device"].items()) or "nothing"
+  ratio = f" ({p['flop_ratio']:.2f}x)" if "flop_ratio" in p else ""
+  lines = [f"  {per}: {p['model_tflop_per_device']:.3g} model TFLOP, "
+           f"{p['compiler_tflop_per_device']:.3g} in the compiled program{ratio}, "
+           f"{p['hbm_gb_per_device']:.3g} GB of HBM traffic; sends {comm}"]
+  if p["loops_counted_once"]:
+    lines.append(f"  ({p['loops_counted_once']} loop(s) whose trip count could not be read "
+                 "are counted once)")
+  return lines
+
+
 def format_plan(p: dict) -> str:
   mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
   lines = [
@@ -317,15 +332,7 @@ def format_plan(p: dict) -> str:
     lines.append(f"  evaluation forward: {p['eval_total_gib_per_device']:.2f} GiB per device "
                  f"(parameters and temporaries; compiled in {p['eval_compile_s']:.0f} s)")
   if "compiler_tflop_per_device" in p:
-    comm = ", ".join(f"{v:.3g} GB over {LINK_NAMES[k]}"
-                     for k, v in p["comm_gb_per_device"].items()) or "nothing"
-    lines.append(
-        f"  per device and step: {p['model_tflop_per_device']:.3g} model TFLOP, "
-        f"{p['compiler_tflop_per_device']:.3g} in the compiled program ({p['flop_ratio']:.2f}x), "
-        f"{p['hbm_gb_per_device']:.3g} GB of HBM traffic; sends {comm}")
-    if p["loops_counted_once"]:
-      lines.append(f"  ({p['loops_counted_once']} loop(s) whose trip count could not be read "
-                   "are counted once)")
+    lines += cost_lines(p, "per device and step")
   if "roofline_step_s" in p:
     lines.append(
         f"  roofline on {p['chip']}: step >= {1e3 * p['roofline_step_s']:.0f} ms "

@@ -155,15 +155,7 @@ def format_plan(p: dict) -> str:
       f"headroom; compiled in {p['compile_s']:.0f} s)",
   ]
   if "compiler_tflop_per_device" in p:
-    comm = ", ".join(f"{v:.3g} GB over {planner.LINK_NAMES[k]}"
-                     for k, v in p["comm_gb_per_device"].items()) or "nothing"
-    lines.append(
-        f"  per device for the batch: {p['model_tflop_per_device']:.3g} model TFLOP, "
-        f"{p['compiler_tflop_per_device']:.3g} in the compiled program, "
-        f"{p['hbm_gb_per_device']:.3g} GB of HBM traffic; sends {comm}")
-    if p["loops_counted_once"]:
-      lines.append(f"  ({p['loops_counted_once']} loop(s) whose trip count could not be read "
-                   "are counted once)")
+    lines += planner.cost_lines(p, "per device for the batch")
   if "roofline_batch_s" in p:
     lines.append(
         f"  roofline on {p['chip']}: the batch takes >= {p['roofline_batch_s']:.3g} s "

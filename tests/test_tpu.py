@@ -221,7 +221,11 @@ def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
   # matmuls are all of the compiled count, 0.90 of the model's here (attention 0.10-0.14).
   ratio = p["compiler_tflop_per_device"] / p["model_tflop_per_device"]
   assert 0.85 < ratio < 1.0, ratio
-  if topology.startswith("h100"):  # every step reads the weights and the cache from HBM
-    assert p["bound_by"] == "HBM" and p["hbm_gb_per_device"] > 1024 * p["params_gib_per_device"]
+  if topology.startswith("h100"):
+    # Every step reads the weights (cast to bfloat16 once, before the loops: half the float32
+    # parameters' bytes) and the cache from HBM; a cast in the step read more than all of them.
+    weights_gb = p["params_gib_per_device"] * GIB / 2 / 1e9
+    assert p["bound_by"] == "HBM"
+    assert 1024 * weights_gb < p["hbm_gb_per_device"] < 1024 * 4 * weights_gb
   assert p["pixels_per_s_bound"] == pytest.approx(16 * 1024 / p["roofline_batch_s"])
   assert p["roofline_step_ms"] == pytest.approx(1e3 * p["roofline_batch_s"] / 1024)

@@ -129,8 +129,8 @@ def draw_block(model_cfg, params, rng, carry, lo: int, hi: int, *, prefix_len: i
     cache = kv_cache.write(cache, pending, jnp.maximum(i - 1, 0))
     prev = jax.lax.dynamic_slice_in_dim(tokens, jnp.maximum(i - 1, 0), 1, axis=1)
     logits, pending = kv_cache.decode(params, model_cfg, cache, prev, i)
-    step_noise = None if noise is None else noise[i - lo]
-    drawn = choose(jax.random.fold_in(rng, i), logits[:, 0], cfg, step_noise)
+    # The randomness is the block's noise (greedy steps need none): no key per step.
+    drawn = choose(None, logits[:, 0], cfg, None if noise is None else noise[i - lo])
     token = jnp.where(i < prefix_len, tokens[:, i], drawn)
     return tokens.at[:, i].set(token), cache, pending
 

@@ -46,6 +46,5 @@ def sample_flops_per_token_of(model_cfg) -> float:
   """Model FLOPs of drawing one pixel with a key/value cache: one forward pass of one position,
   2 * N_matmul plus its attention over the positions before it (4 * L * p * d at position p,
   2 * L * T * d on average): a third of a causal model's training FLOPs per token."""
-  dense = 2.0 * matmul_params(model_cfg.num_layers, model_cfg.width, model_cfg.mlp_ratio,
-                              model_cfg.vocab_size)
-  return dense + 2.0 * model_cfg.num_layers * model_cfg.seq_len * model_cfg.width
+  return train_flops_per_token(model_cfg.num_layers, model_cfg.width, model_cfg.mlp_ratio,
+                               model_cfg.vocab_size, model_cfg.seq_len, causal=True) / 3

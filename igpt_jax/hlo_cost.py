@@ -183,7 +183,7 @@ def _attr(attrs: str, key: str) -> str | None:
   return m.group(1).lstrip("%") if m else None
 
 
-def _called(ins: Instruction) -> list:
+def called(ins: Instruction) -> list:
   """(computation, kind) pairs an instruction runs."""
   out = []
   for key, kind in (("calls", "call"), ("body", "body"), ("condition", "condition"),
@@ -371,7 +371,7 @@ def analyze(hlo_text: str, num_partitions: int) -> Cost:
       if ins.opcode == "while":
         trips, how = trip_count(ins, comps, comps[name])
         cost.loops.append((_attr(ins.attrs, "body"), trips, how))
-      for callee, kind in _called(ins):
+      for callee, kind in called(ins):
         if kind == "apply":
           continue  # scalar reducers of reduce/scatter/sort: elementwise work
         factor = trips + 1 if kind == "condition" else trips if kind == "body" else 1

@@ -4,8 +4,8 @@
 `start .. start+T-1` (T = 1 when sampling, a whole block when filling the cache from a given
 prefix) and returns their logits and their keys and values, which `write` puts in the cache.
 The same parameters as the training model (`igpt_jax.model.IGPT`) and the same math
-(`model.rms_norm`, `model.mlp`, `model.logits_of`), so the logits equal a full forward pass to float rounding
-(tests/test_decoding.py).
+(`model.rms_norm`, `model.mlp`, `model.logits_of`), so the logits equal a full forward pass to
+float rounding (tests/test_decoding.py).
 
 What makes it fast (a step reads the cache once, and only as much of it as is filled):
   * the cache holds one key and one value array per layer, `[batch, heads, length, head_dim]`,

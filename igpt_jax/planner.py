@@ -93,7 +93,8 @@ def out_of_memory(e: Exception) -> str | None:
   return head.split("RESOURCE_EXHAUSTED:")[-1].strip()[:300]
 
 
-def _device_bytes(mem) -> tuple[int, int]:
+def device_bytes(mem) -> tuple[int, int]:
+  """(temporary, argument) bytes per device of a compiled program's memory analysis."""
   if mem is None:
     return 0, 0
   return (int(getattr(mem, "temp_size_in_bytes", 0)),
@@ -228,7 +229,7 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
       out.update({"fits": False, "compiler_says": message, "compile_s": time.time() - t0})
       return out
   out["compile_s"] = time.time() - t0
-  temp_b, args_b = _device_bytes(compiled.memory_analysis())
+  temp_b, args_b = device_bytes(compiled.memory_analysis())
   total = max(args_b, params_b + opt_b) + temp_b
   out.update({"temp_gib_per_device": temp_b / GIB, "total_gib_per_device": total / GIB,
               "hbm_headroom": 1.0 - total / (usable_gib * GIB),
@@ -247,7 +248,7 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
       t0 = time.time()
       try:
         eval_compiled = eval_fn.lower(abstract.params, eval_batch).compile()
-        eval_temp_b = _device_bytes(eval_compiled.memory_analysis())[0]
+        eval_temp_b = device_bytes(eval_compiled.memory_analysis())[0]
         out["eval_total_gib_per_device"] = (params_b + eval_temp_b) / GIB
       except Exception as e:  # pylint: disable=broad-except
         if out_of_memory(e) is None:

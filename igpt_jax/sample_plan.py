@@ -12,8 +12,9 @@ bytes sent per link of drawing the whole batch, with the roofline time (chips.py
 pixels/s and images/s it bounds. The TPU and GPU compilers turn the attention's matrix-vector
 products (one query per image and step) into multiply-reduce fusions, which hlo_cost does not
 count as matmuls: the compiled count is the weights' matmuls, a little under the model's, and
-the roofline takes the larger of the two. The roofline leaves out what a step costs beyond its FLOPs and
-bytes (kernel launches, loop overhead), which at small batches can dominate a real step.
+the roofline takes the larger of the two. The roofline leaves out what a step costs beyond its
+FLOPs and bytes (kernel launches, loop overhead), which at small batches can dominate a real
+step.
 """
 
 from igpt_jax import errors
@@ -105,8 +106,7 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
       out.update({"fits": False, "compiler_says": message, "compile_s": time.time() - t0})
       return out
   out["compile_s"] = time.time() - t0
-  mem = compiled.memory_analysis()
-  temp_b = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+  temp_b = planner.device_bytes(compiled.memory_analysis())[0]
   total = params_b + temp_b
   out.update({"temp_gib_per_device": temp_b / GIB, "total_gib_per_device": total / GIB,
               "hbm_headroom": 1.0 - total / (usable_gib * GIB),

@@ -1,7 +1,6 @@
 """Sampling: the cached decoder against the naive sampler, distributions, infilling, the CLI."""
 
 import os
-import re
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from conftest import REPO
 from conftest import run_on_fake_devices
 from igpt_jax import model as model_lib
 from igpt_jax import decoding
+from igpt_jax import hlo_cost
 from igpt_jax import kv_cache
 
 
@@ -65,27 +65,29 @@ def test_a_step_reads_only_the_cache_rows_of_its_block_and_before():
     # A step reads each layer's cache arrays where they are: nothing in it slices or copies
     # an array the size of one (slicing a layer or the filled rows out of a longer cache did).
     layer_cache = 2 * cfg.num_heads * (lo + 16) * cfg.head_dim
-    for dims in re.findall(r"= f32\[([\d,]+)\]\S* (?:slice|copy)\(",
-                           _loop_bodies(compiled.as_text())):
-      assert np.prod([int(d) for d in dims.split(",")]) < layer_cache, dims
+    for ins in _loop_body_instructions(compiled.as_text()):
+      if ins.opcode in ("slice", "copy"):
+        dims = hlo_cost.array_shapes(ins.shape)[0][1]
+        assert np.prod(dims) < layer_cache, (ins.opcode, ins.shape)
   # XLA counts a loop body once: the bytes one step accesses, growing with its block.
   assert read[0] < read[1] < read[2] < read[3], read
   assert read[3] - read[2] > 0.5 * (read[1] - read[0]) > 0, read
 
 
-def _loop_bodies(hlo: str) -> str:
-  """The text of the computations a while loop runs as its body, and of their fusions."""
-  comps = {m.group(1): m.group(0) for m in re.finditer(
-      r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(?:.*\n)*?\}", hlo, re.M)}
-  todo = re.findall(r"while\(.*body=%?([\w.\-]+)", hlo)
+def _loop_body_instructions(hlo: str) -> list:
+  """The instructions of the computations while loops run as their bodies, fusions included."""
+  comps, _ = hlo_cost.parse(hlo)
+  todo = [callee for comp in comps.values() for ins in comp if ins.opcode == "while"
+          for callee, kind in hlo_cost.called(ins) if kind == "body"]
   seen = set()
   while todo:
     name = todo.pop()
     if name in seen or name not in comps:
       continue
     seen.add(name)
-    todo += re.findall(r"calls=%?([\w.\-]+)", comps[name])
-  return "\n".join(comps[n] for n in seen)
+    todo += [callee for ins in comps[name] for callee, kind in hlo_cost.called(ins)
+             if kind == "call"]
+  return [ins for name in seen for ins in comps[name]]
 
 
 @pytest.mark.parametrize("prefix_len,block", [(0, 0), (18, 8)])

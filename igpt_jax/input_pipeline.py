@@ -30,8 +30,12 @@ import functools
 import io
 import math
 import os
+import re
+import socket
 import sys
+import threading
 from typing import Iterator, Optional, Sequence
+from urllib import parse as urlparse
 
 import grain
 import numpy as np
@@ -181,6 +185,55 @@ def _find_cause(e: BaseException, kind):
   return e
 
 
+NETWORK_CHECK_SECONDS = 5.0  # how long to wait for a dataset's download host before saying offline
+
+
+def _download_hosts(builder) -> list[str]:
+  """The hosts a tfds builder downloads from (its registered URLs, else its homepage)."""
+  urls = list(getattr(builder, "url_infos", None) or {}) or [builder.info.homepage or ""]
+  return sorted({urlparse.urlparse(u).hostname for u in urls} - {None, ""})
+
+
+def _unreachable(hosts: Sequence[str], timeout: float = NETWORK_CHECK_SECONDS) -> list[str]:
+  """The hosts of `hosts` that a TCP connection to port 443 cannot reach within `timeout`
+  seconds, name lookup included (each is tried in a daemon thread, all at once)."""
+  reached = set()
+
+  def connect(host):
+    try:
+      socket.create_connection((host, 443), timeout=timeout).close()
+      reached.add(host)
+    except OSError:
+      pass
+
+  threads = [threading.Thread(target=connect, args=(h,), daemon=True) for h in hosts]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout)
+  return [h for h in hosts if h not in reached]
+
+
+def _tfds_builder(name: str, data_dir):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return _array_record_builder(functools.partial(tfds.builder, name, data_dir=data_dir), name)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DatasetError(
+        f"config.dataset={name!r} is neither a tfds dataset name nor an existing folder. "
+        "Use a tfds name (cifar10, cifar100, stl10, imagenet2012, ...), 'digits', or the path "
+        "of a folder laid out as <split>/<label>/<image file>.") from e
+  except AssertionError as e:  # tfds asserts on a version it does not know
+    found = re.search(r"cannot be loaded at version (\S+), only: ([\d., ]*\d)", str(e))
+    if found is None:
+      raise
+    raise DatasetError(
+        f"config.dataset={name!r}: tfds has no version {found.group(1)} of "
+        f"{name.split(':')[0]!r}; its versions are {found.group(2)}. Name one of them "
+        f"(e.g. {name.split(':')[0]}:{found.group(2).split(',')[0].strip()}) or leave the "
+        "version out.") from e
+
+
 def _open_builder(config):
   name = config.dataset
   if _is_folder(name):
@@ -204,15 +257,7 @@ def _open_builder(config):
                            f"{bad or f'{type(e).__name__}: {e}'}") from e
     _check_random_access(builder, name)
     return builder
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = _array_record_builder(
-        functools.partial(tfds.builder, name, data_dir=_data_dir(config)), name)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise DatasetError(
-        f"config.dataset={name!r} is neither a tfds dataset name nor an existing folder. "
-        "Use a tfds name (cifar10, cifar100, stl10, imagenet2012, ...), 'digits', or the path "
-        "of a folder laid out as <split>/<label>/<image file>.") from e
+  builder = _tfds_builder(name, _data_dir(config))
   if builder.is_prepared():
     _check_random_access(builder, name)
     return builder
@@ -221,6 +266,14 @@ def _open_builder(config):
         f"tfds dataset {name!r} is not prepared in {builder.data_dir} and "
         f"config.download=False. Prepare it (`tfds build {name} --file_format={FILE_FORMAT}`), "
         "set config.data_dir to where it is, or point config.dataset at a local image folder.")
+  down = _unreachable(_download_hosts(builder))
+  if down:
+    raise DatasetError(
+        f"tfds dataset {name!r} is not prepared in {builder.data_dir}, and its download host "
+        f"{', '.join(down)} cannot be reached (no network?). Prepare it on a machine with "
+        f"internet (`tfds build {name} --file_format={FILE_FORMAT}`) and copy the folder it "
+        "writes under config.data_dir, or set config.dataset to a local folder laid out as "
+        "<split>/<label>/<image file>.")
   try:
     builder.download_and_prepare()
   except Exception as e:  # Network, manual-download and disk errors all end here.

@@ -258,6 +258,52 @@ def test_unprepared_tfds_dataset_does_not_fall_back(tmp_path):
   assert "--file_format=array_record" in str(e.value)
 
 
+def test_unprepared_tfds_dataset_offline_fails_at_once_without_downloading(tmp_path,
+                                                                           monkeypatch):
+  """With config.download=True (the default) and no route to the dataset's download host, the
+  error comes before any download attempt, within the connection timeout, with the commands."""
+  import socket
+  import time
+  import tensorflow_datasets as tfds
+  tried = []
+
+  def no_network(address, timeout=None):
+    tried.append(address)
+    time.sleep(min(timeout, 0.2))
+    raise socket.gaierror(-2, "Name or service not known")
+
+  def must_not_download(*args, **kwargs):
+    raise AssertionError("download_and_prepare was called")
+
+  monkeypatch.setattr(input_pipeline.socket, "create_connection", no_network)
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", must_not_download)
+  start = time.monotonic()
+  with pytest.raises(input_pipeline.DatasetError, match="'cifar10' is not prepared in .* its "
+                     "download host www.cs.toronto.edu cannot be reached") as e:
+    input_pipeline.open_source(tiny_config(dataset="cifar10", data_dir=str(tmp_path)))
+  assert time.monotonic() - start < 30
+  assert tried == [("www.cs.toronto.edu", 443)]
+  assert "tfds build cifar10 --file_format=array_record" in str(e.value)
+  assert "local folder" in str(e.value)
+
+
+def test_a_host_that_never_answers_is_given_up_on_within_the_timeout(monkeypatch):
+  import time
+  monkeypatch.setattr(input_pipeline.socket, "create_connection",
+                      lambda *a, **k: time.sleep(60))
+  start = time.monotonic()
+  assert input_pipeline._unreachable(["a.example", "b.example"], timeout=0.5) == [
+      "a.example", "b.example"]
+  assert time.monotonic() - start < 5
+
+
+def test_a_tfds_version_that_does_not_exist_lists_the_ones_that_do(tmp_path):
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r"tfds has no version 9.9.9 of 'cifar10'; its versions are "
+                           r"\d+\.\d+\.\d+.*\(e\.g\. cifar10:\d+\.\d+\.\d+\)"):
+    input_pipeline.open_source(tiny_config(dataset="cifar10:9.9.9", data_dir=str(tmp_path)))
+
+
 def test_a_dataset_prepared_only_as_tfrecord_names_the_conversion(tmp_path):
   for split in ("train", "test"):
     write_png(str(tmp_path / "imgs" / split / "a" / "0.png"), np.zeros((4, 4, 3), np.uint8))

@@ -166,12 +166,14 @@ class Preempted(Exception):
 
 
 class _StopFlag:
-  """Set by SIGTERM or a first SIGINT (Ctrl-C): the loop finishes the current step,
-  checkpoints and stops. A second Ctrl-C stops at once (Python's KeyboardInterrupt)."""
+  """Set by SIGTERM or, once training has begun, a first SIGINT (Ctrl-C): the loop finishes the
+  current step, checkpoints and stops. A Ctrl-C during start-up (data conversion, palette,
+  restore), or a second one, stops at once (Python's KeyboardInterrupt)."""
 
   def __init__(self):
     self.requested = False
     self.interrupted = False
+    self.training = False
     self._previous = {}
 
   def __enter__(self):
@@ -182,6 +184,9 @@ class _StopFlag:
 
   def _handle(self, signum, frame):
     del frame
+    if signum == signal.SIGINT and not self.training:
+      self.interrupted = True  # remembered in case a library swallows the KeyboardInterrupt
+      raise KeyboardInterrupt
     self.requested = True
     if signum == signal.SIGINT:
       self.interrupted = True
@@ -189,6 +194,13 @@ class _StopFlag:
       print("igpt_jax: Ctrl-C: finishing this step, then checkpointing and stopping (press "
             "Ctrl-C again to stop at once, losing the steps since the last checkpoint).",
             file=sys.stderr, flush=True)
+
+  def begin_training(self) -> None:
+    """From here a first Ctrl-C checkpoints; one during start-up that a library caught stops
+    now."""
+    if self.interrupted:
+      raise KeyboardInterrupt
+    self.training = True
 
   def __exit__(self, *exc):
     for sig, previous in self._previous.items():
@@ -277,7 +289,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
 
   Returns the final train state and the metrics of the last logged step. Raises `Preempted`
   after checkpointing when SIGTERM (or a preemption notice) arrives, also one that arrives
-  during start-up (the handler is installed first; the stop comes after the first step).
+  during start-up (the handler is installed first; the stop comes after the first step), or
+  when Ctrl-C arrives during training. A Ctrl-C during start-up raises KeyboardInterrupt.
   """
   with _StopFlag() as stop_flag:
     return _start_and_train(config, workdir, stop_flag)
@@ -355,6 +368,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
       start_index=start_index, process_index=jax.process_index(),
       process_count=jax.process_count())
 
+  stop_flag.begin_training()
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step, good_before = {}, 0, latest, latest
   evaluators = {}  # the in-training evaluators, built at their first step and kept

@@ -318,10 +318,16 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
 def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_path):
   """SIGINT mid-training: the step finishes, a checkpoint is written at it, exit 130 with one
   line; resuming gives the losses of an uninterrupted run. Meanwhile a second run started on
-  the same workdir exits 2 at once, naming the first, and changes none of its files."""
+  the same workdir exits 2 at once, naming the first, and changes none of its files. A third
+  run, checkpointing every 2 steps, gets two Ctrl-Cs 0.2 s apart (the second lands in or right
+  after the stop's asynchronous save): it stops at once with 130 and one line, and resumes
+  from a complete checkpoint to the uninterrupted losses too."""
   straight, victim_dir = str(tmp_path / "straight"), str(tmp_path / "victim")
+  twice_dir = str(tmp_path / "twice")
   args = ["--config.total_steps=16", "--config.checkpoint_every_steps=100",
           "--config.eval_every_steps=16"]
+  twice_args = ["--config.total_steps=16", "--config.checkpoint_every_steps=2",
+                "--config.eval_every_steps=16", f"--workdir={twice_dir}"]
   ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   victim = subprocess.Popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
@@ -341,15 +347,68 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
   assert len(saved) == 1 and 2 <= saved[0] < 16, saved
   assert f"interrupted (Ctrl-C): checkpoint saved at step {saved[0]}" in stdout
   assert sorted(metrics_by_step(victim_dir)) == list(range(1, saved[0] + 1))
-  out = subprocess.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  resumed = subprocess.Popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  twice = subprocess.Popen(CLI + twice_args, cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  wait_for_logged_steps(twice_dir, 3, [twice])
+  twice.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  if twice.poll() is None:
+    twice.send_signal(signal.SIGINT)
+  stdout, stderr = twice.communicate(timeout=120)
+  assert twice.returncode == 130, stdout[-3000:] + stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert (stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+          or "igpt_jax: interrupted (Ctrl-C): checkpoint saved" in stdout)  # 2nd came after
+  out = subprocess.run(CLI + twice_args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert f"Resumed from checkpoint at step {saved[0]}." in out.stdout
+  assert "Resumed from checkpoint at step " in out.stdout
+  stdout, stderr = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, stderr[-3000:]
+  assert f"Resumed from checkpoint at step {saved[0]}." in stdout
   assert ref.wait(timeout=300) == 0
-  a, b = metrics_by_step(straight), metrics_by_step(victim_dir)
-  assert sorted(a) == sorted(b) == list(range(1, 17))
+  a, b, c = metrics_by_step(straight), metrics_by_step(victim_dir), metrics_by_step(twice_dir)
+  assert sorted(a) == sorted(b) == sorted(c) == list(range(1, 17))
   for step in range(1, 17):
-    assert a[step]["loss"] == b[step]["loss"], step
+    assert a[step]["loss"] == b[step]["loss"] == c[step]["loss"], step
+
+
+def test_ctrl_c_during_folder_conversion_exits_130_and_leaves_nothing_half_written(
+    cifar10_dir, tmp_path):
+  """A Ctrl-C while an image folder is converted into a tfds dataset: exit 130 with one line,
+  no prepared (or half-prepared) copy left behind, and the next open converts it in full."""
+  root, data_dir = tmp_path / "imgs", tmp_path / "tfds"
+  for split, per_class in (("train", 2500), ("test", 100)):
+    for label in ("airplane", "cat"):
+      names = sorted(os.listdir(os.path.join(cifar10_dir, split, label)))[:per_class]
+      os.makedirs(root / split / label)
+      for name in names:
+        shutil.copyfile(os.path.join(cifar10_dir, split, label, name), root / split / label / name)
+  proc = subprocess.Popen(CLI + [f"--config.dataset={root}", f"--config.data_dir={data_dir}",
+                                 f"--workdir={tmp_path / 'run'}"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith("Converting image folder"):
+      break
+  time.sleep(0.5)  # into the conversion (5,200 images: several seconds)
+  assert proc.poll() is None, "the conversion ended before the Ctrl-C"
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
+  assert not os.path.exists(tmp_path / "run" / "checkpoints") or not os.listdir(
+      tmp_path / "run" / "checkpoints")
+  left = [os.path.relpath(os.path.join(d, f), data_dir)
+          for d, _, files in os.walk(data_dir) for f in files]
+  assert not any(f.endswith("dataset_info.json") for f in left), left
+  from igpt_jax import image_folder  # pylint: disable=g-import-not-at-top
+  assert not image_folder.LocalImageFolder(str(root), data_dir=str(data_dir)).is_prepared()
+  source = input_pipeline.open_source(quickstart_config(dataset=str(root),
+                                                        data_dir=str(data_dir)))
+  sizes = source.split_sizes
+  assert source.num_classes == 2 and sizes["train"] + sizes.get("validation", 0) == 5000
 
 
 def test_workdir_lock_is_exclusive_and_released(tmp_path):

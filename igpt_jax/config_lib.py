@@ -18,6 +18,7 @@ OBJECTIVES = ("next_pixel", "masked_pixel")
 DTYPES = ("float32", "bfloat16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 MESH_AXES = ("data", "fsdp", "tensor")
+TRANSFER_GUARDS = ("disallow", "log", "allow")
 
 # Logical axis -> mesh axes. Parameters: FSDP shards `embed` over `fsdp`, Megatron-style
 # tensor parallelism splits heads and MLP width over `tensor`. Activations: the batch is split
@@ -121,6 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
   # With several processes, how often they agree on a SIGTERM/preemption stop (each agreement
   # waits for the device); a single process checks every step.
   c.preemption_check_every_steps = 10
+  # jax.transfer_guard level around each training step: "disallow" makes an implicit
+  # host<->device copy in the step (a NumPy or Python value where an array should already be
+  # on the devices) an error instead of a silent slowdown; "log" reports it; "allow" turns the
+  # guard off.
+  c.transfer_guard = "disallow"
 
   # Devices. -1 means "all remaining devices".
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -372,6 +378,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int, platform: str | Non
   if isinstance(c.input_workers, bool) or not isinstance(c.input_workers, int) or (
       c.input_workers < 0):
     _fail("input_workers", c.input_workers, "must be >= 0 (0 = reader threads only).")
+  if c.get("transfer_guard", "disallow") not in TRANSFER_GUARDS:
+    _fail("transfer_guard", c.transfer_guard, f"must be one of {TRANSFER_GUARDS}.")
   if c.nonfinite_policy not in ("stop", "skip"):
     _fail("nonfinite_policy", c.nonfinite_policy, "must be 'stop' or 'skip'.")
   _positive_int(c, "max_nonfinite_skips")

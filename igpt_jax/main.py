@@ -7,8 +7,8 @@ Any config field can be overridden with --config.<field>=<value>. Training resum
 latest checkpoint in DIR/checkpoints that restores (damaged ones are skipped and moved to
 DIR/corrupt_checkpoints), exactly where it stopped: the data stream included. On SIGTERM it
 finishes the step, checkpoints and exits with status 42; on Ctrl-C (SIGINT) the same, with
-status 130 (a second Ctrl-C, or one during start-up, stops at once); rerun the same command to resume. One run at a
-time writes a workdir: a second one started on it exits with status 2.
+status 130 (a second Ctrl-C, or one during start-up, stops at once); rerun the same command
+to resume. One run at a time writes a workdir: a second one started on it exits with status 2.
 Library INFO logs (orbax, absl) are hidden unless --verbosity=0 is given.
 """
 

@@ -334,7 +334,10 @@ def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState
   mgr = checkpointing.manager(workdir, config)
   writer = metric_writer.MetricWriter(workdir)
   try:
-    return _train_loop(trainer, mgr, writer, stop_flag)
+    # As big_vision does: every host<->device copy in the loop (state, batches, metrics,
+    # checkpoints, validation) is explicit; an implicit one is an error (config.transfer_guard).
+    with jax.transfer_guard(config.get("transfer_guard", "disallow")):
+      return _train_loop(trainer, mgr, writer, stop_flag)
   finally:
     try:  # a pending async save completes even when the loop raised
       mgr.wait_until_finished()
@@ -396,8 +399,9 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
         if val is not None:  # None: no validation split (said at start-up)
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       if evals_now:  # the in-training evaluators (config.evals) on the live parameters
-        last.update(eval_tasks.run_in_training(c, workdir, state.params, step, last=is_last,
-                                               evaluators=evaluators))
+        with jax.transfer_guard("allow"):  # probes fit on host features
+          last.update(eval_tasks.run_in_training(c, workdir, state.params, step,
+                                                 last=is_last, evaluators=evaluators))
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)
@@ -417,8 +421,9 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
   _wait_saved(mgr, workdir, step, good_before)
   result = dict(last, step=int(step))
   if c.num_samples > 0:
-    samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,
-                                                       jax.random.PRNGKey(c.seed + 2)))
+    with jax.transfer_guard("allow"):  # a sampled grid, once, after training
+      samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,
+                                                         jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
       image_grid.save_png(path, image_grid.grid(samples))

@@ -178,18 +178,15 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
   """Seven steps with logging, evaluation, checkpoints and a resume in between compile the train
   step once per process start: no step retraces (a changed dtype, shape or static argument).
   The loop (state init or restore, steps, metrics, evaluation, checkpoints) runs under
-  `jax.transfer_guard("disallow")`: every copy between host and devices in it is explicit."""
+  `jax.transfer_guard("disallow")` by default (config.transfer_guard): every copy between host
+  and devices in it is explicit, and a step handed a host batch fails instead of copying it."""
   from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
   traces = []
-  real_step, real_loop = train.train_step, train._train_loop  # pylint: disable=protected-access
+  real_step = train.train_step
   def counting_step(state, batch, **kw):
     traces.append(batch["tokens"].shape)  # runs only while jax traces the function
     return real_step(state, batch, **kw)
-  def guarded_loop(*args):
-    with jax.transfer_guard("disallow"):
-      return real_loop(*args)
   monkeypatch.setattr(train, "train_step", counting_step)
-  monkeypatch.setattr(train, "_train_loop", guarded_loop)
   config = quickstart_config(total_steps=4, log_every_steps=1, eval_every_steps=2,
                              checkpoint_every_steps=2, warmup_steps=1, num_samples=0)
   train.train_and_evaluate(config, str(tmp_path))
@@ -198,6 +195,13 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
                              checkpoint_every_steps=2, warmup_steps=1, num_samples=0)
   train.train_and_evaluate(config, str(tmp_path))  # resumed at step 4: a new jit, traced once
   assert traces == [(64, 64)] * 2
+  # A host (NumPy) batch handed to the jitted step, as a forgotten `global_batch` would.
+  def unsharded_step(self, state, batch):
+    return self._train_step(state, batch)  # pylint: disable=protected-access
+  monkeypatch.setattr(train.Trainer, "train_step", unsharded_step)
+  config = quickstart_config(total_steps=8, log_every_steps=1, warmup_steps=1, num_samples=0)
+  with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+    train.train_and_evaluate(config, str(tmp_path))
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():

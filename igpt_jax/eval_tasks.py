@@ -68,19 +68,22 @@ class Evaluator:
   dataset, and the tasks run on it."""
 
   def __init__(self, config, workdir: str, *, params=None, step: int | None = None,
-               out_dir: str | None = None):
-    """`params` and `step` given: evaluate those (the in-training evaluators) instead of
-    restoring a checkpoint; results then go to `out_dir`."""
+               out_dir: str | None = None, live: run_lib.Run | None = None):
+    """`params` and `step` given: evaluate those instead of restoring a checkpoint; results
+    then go to `out_dir`. `live`: the training run's `Run` (in-training evaluation), whose
+    mesh, model and palette are used as they are (no second mesh, no disk reads, no second
+    validation)."""
     self.workdir = workdir
     self.out_dir = out_dir or os.path.join(workdir, "eval")
-    if not os.path.exists(palette_lib.path_for(config, workdir)):
-      raise errors.MissingError(
-          f"{workdir} has no palette.npy: it holds no trained run. Train first "
-          "(python -m igpt_jax.main) or fix --workdir.")
-    checkpointing.check_compatible(workdir, config)
+    if live is None:
+      if not os.path.exists(palette_lib.path_for(config, workdir)):
+        raise errors.MissingError(
+            f"{workdir} has no palette.npy: it holds no trained run. Train first "
+            "(python -m igpt_jax.main) or fix --workdir.")
+      checkpointing.check_compatible(workdir, config)
     data_config = config_lib.eval_data_config(config)
     self.config = data_config
-    self.run = run_lib.Run(data_config, workdir)
+    self.run = run_lib.Run(data_config, workdir, share=live)
     _limit_train(self.run.source, config.eval.max_train_examples)
     if params is None:
       # Parameters only, straight into their shardings: no optimizer state is built.
@@ -281,51 +284,58 @@ def in_training_config(config, name: str):
   return c
 
 
-def due(config, step: int, last: bool = False) -> bool:
-  """Whether any in-training evaluator runs at `step` (all run on the last step)."""
-  evals = config.get("evals", {}) or {}
-  return bool(evals) and (last or any(step % e.every_steps == 0 for e in evals.values()))
+class InTraining:
+  """The in-training evaluators of `config.evals`, handed to the train loop (`train.py` does not
+  import the evaluation stack): `due(step)` says whether any runs at a step, `run(params,
+  step)` runs those due on the live parameters and returns their metrics. Each evaluator is
+  built at its first step on the training run's mesh, model and palette (`live`) and kept, so
+  its data source and compiled extraction are reused."""
 
+  def __init__(self, config, workdir: str, live: run_lib.Run):
+    self.config, self.workdir, self.live = config, workdir, live
+    self.evaluators = {}  # name -> Evaluator
 
-def run_in_training(config, workdir: str, params, step: int, *, last: bool = False,
-                    evaluators: dict | None = None) -> dict:
-  """Runs every in-training evaluator (`config.evals`) due at `step` (or all, on the last
-  step) on the live parameters; returns their metrics. The same tasks as the offline binary;
-  each writes its JSON under workdir/evals/<name>/step<step>/ and drops its features after.
-  `evaluators` (name -> Evaluator), kept by the caller between steps, saves reopening the data
-  and recompiling the extraction at every evaluation."""
-  evaluators = {} if evaluators is None else evaluators
-  metrics = {}
-  for name in sorted(config.get("evals", {}) or {}):
-    every = config.evals[name].every_steps
-    if not (last or step % every == 0):
-      continue
-    c = in_training_config(config, name)
-    out_dir = os.path.join(workdir, "evals", name, f"step{step}")
-    t0 = time.time()
-    try:
-      if name in evaluators:
-        ev = evaluators[name].at(params, step, out_dir)
-      else:
-        ev = evaluators[name] = Evaluator(c, workdir, params=params, step=step, out_dir=out_dir)
-      for task in config_lib.eval_tasks(c):
-        metrics.update(metrics_of(name, task, getattr(ev, task)()))
-    except Exception as e:  # pylint: disable=broad-except
-      # Training goes on (its checkpoint of this step is already saved); the evaluator's
-      # problem is reported in one line.
-      reason = " ".join(str(e).split()) or type(e).__name__
-      log(f"  evaluator {name} failed at step {step} and was skipped ({type(e).__name__}: "
-          f"{reason}); training continues. Fix config.evals.{name} and evaluate this "
-          f"checkpoint with python -m igpt_jax.evaluate.")
-      continue
-    # Every process drops its own copy (features.process_dir); on a shared file system the
-    # first one to get there removes them all.
-    shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
-    shown = {k: v for k, v in metrics.items()
-             if k.split("/")[1] == name and ("best_test" in k or "bits" in k)}
-    log(f"  evaluator {name} at step {step}: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({time.time() - t0:.0f}s)")
-  return metrics
+  def due(self, step: int, last: bool = False) -> bool:
+    """Whether any evaluator runs at `step` (all run on the last step)."""
+    evals = self.config.get("evals", {}) or {}
+    return bool(evals) and (last or any(step % e.every_steps == 0 for e in evals.values()))
+
+  def run(self, params, step: int, *, last: bool = False) -> dict:
+    """Runs every evaluator due at `step` (or all, on the last step); returns their metrics.
+    The same tasks as the offline binary; each writes its JSON under
+    workdir/evals/<name>/step<step>/ and drops its features after. An evaluator that fails is
+    reported in one line and skipped: training goes on."""
+    metrics = {}
+    for name in sorted(self.config.get("evals", {}) or {}):
+      if not (last or step % self.config.evals[name].every_steps == 0):
+        continue
+      out_dir = os.path.join(self.workdir, "evals", name, f"step{step}")
+      t0 = time.time()
+      try:
+        if name in self.evaluators:
+          ev = self.evaluators[name].at(params, step, out_dir)
+        else:
+          c = in_training_config(self.config, name)
+          ev = self.evaluators[name] = Evaluator(c, self.workdir, params=params, step=step,
+                                                 out_dir=out_dir, live=self.live)
+        for task in config_lib.eval_tasks(ev.config):
+          metrics.update(metrics_of(name, task, getattr(ev, task)()))
+      except Exception as e:  # pylint: disable=broad-except
+        # Training goes on (its checkpoint of this step is already saved); the evaluator's
+        # problem is reported in one line.
+        reason = " ".join(str(e).split()) or type(e).__name__
+        log(f"  evaluator {name} failed at step {step} and was skipped ({type(e).__name__}: "
+            f"{reason}); training continues. Fix config.evals.{name} and evaluate this "
+            f"checkpoint with python -m igpt_jax.evaluate.")
+        continue
+      # Every process drops its own copy (features.process_dir); on a shared file system the
+      # first one to get there removes them all.
+      shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
+      shown = {k: v for k, v in metrics.items()
+               if k.split("/")[1] == name and ("best_test" in k or "bits" in k)}
+      log(f"  evaluator {name} at step {step}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({time.time() - t0:.0f}s)")
+    return metrics
 
 
 def evaluate(config, workdir: str) -> dict:

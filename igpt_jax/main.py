@@ -12,6 +12,7 @@ to resume. One run at a time writes a workdir: a second one started on it exits 
 Library INFO logs (orbax, absl) are hidden unless --verbosity=0 is given.
 """
 
+import functools
 import sys
 
 from absl import flags
@@ -31,7 +32,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   cli.start(argv, FLAGS)
   try:
-    cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir)
+    evaluators = None
+    if FLAGS.config.get("evals", None):  # the evaluation stack is loaded only when asked for
+      from igpt_jax import eval_tasks  # pylint: disable=g-import-not-at-top
+      evaluators = functools.partial(eval_tasks.InTraining, FLAGS.config, FLAGS.workdir)
+    cli.run_reporting_user_errors(train.train_and_evaluate, FLAGS.config, FLAGS.workdir,
+                                  evaluators)
   except train.Preempted as e:
     print(f"igpt_jax: {e}", flush=True)
     sys.exit(e.exit_code)

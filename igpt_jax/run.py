@@ -40,12 +40,19 @@ def log(msg: str) -> None:
 class Run:
   """One run directory and its config; parts are built lazily (see the module docstring)."""
 
-  def __init__(self, config, workdir: str, *, fit_palette: bool = False):
-    config_lib.validate(config, jax.device_count())
+  def __init__(self, config, workdir: str, *, fit_palette: bool = False, share=None):
+    """`share`: another Run of the same model (the training run, for in-training evaluation on
+    another dataset) whose config is already validated and whose mesh, model and palette are
+    used as they are: nothing is validated, read from disk or built again."""
+    if share is None:
+      config_lib.validate(config, jax.device_count())
     self.config = config
     self.workdir = workdir
     self._fit_palette = fit_palette
     self.local_batch = sharding.local_batch_size(config)
+    if share is not None:  # fills the cached properties below
+      self.__dict__.update(mesh=share.mesh, model=share.model, apply_fn=share.apply_fn,
+                           centers=share.centers, _params_layout=share._params_layout)  # pylint: disable=protected-access
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:

@@ -21,7 +21,6 @@ from jax.experimental import multihost_utils
 
 from igpt_jax import checkpointing
 from igpt_jax import errors
-from igpt_jax import eval_tasks
 from igpt_jax import flops
 from igpt_jax import image_grid
 from igpt_jax import input_pipeline
@@ -284,25 +283,35 @@ def _mean(fetched: list, key: str) -> float:
   return float(finite.mean()) if finite.size else float("nan")
 
 
-def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict]:
+def train_and_evaluate(config, workdir: str, evaluators=None) -> tuple[TrainState, dict]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  `evaluators(run)` builds the in-training evaluators of `config.evals` from the training
+  `run.Run` (e.g. `functools.partial(eval_tasks.InTraining, config, workdir)`, as
+  `python -m igpt_jax.main` passes): an object whose `due(step, last)` and `run(params, step,
+  last=...)` the loop calls. This module never imports the evaluation stack itself.
 
   Returns the final train state and the metrics of the last logged step. Raises `Preempted`
   after checkpointing when SIGTERM (or a preemption notice) arrives, also one that arrives
   during start-up (the handler is installed first; the stop comes after the first step), or
   when Ctrl-C arrives during training. A Ctrl-C during start-up raises KeyboardInterrupt.
   """
+  if (config.get("evals", None) or {}) and evaluators is None:
+    raise ValueError("config.evals is set but no evaluators were handed to train_and_evaluate: "
+                     "pass evaluators=functools.partial(eval_tasks.InTraining, config, "
+                     "workdir), as python -m igpt_jax.main does.")
   with _StopFlag() as stop_flag:
-    return _start_and_train(config, workdir, stop_flag)
+    return _start_and_train(config, workdir, stop_flag, evaluators)
 
 
-def _start_and_train(config, workdir: str, stop_flag) -> tuple[TrainState, dict]:
+def _start_and_train(config, workdir: str, stop_flag, evaluators) -> tuple[TrainState, dict]:
   checkpointing.check_workdir(workdir, write=True)
   with checkpointing.exclusive(workdir):
-    return _start_and_train_locked(config, workdir, stop_flag)
+    return _start_and_train_locked(config, workdir, stop_flag, evaluators)
 
 
-def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState, dict]:
+def _start_and_train_locked(config, workdir: str, stop_flag,
+                            evaluators) -> tuple[TrainState, dict]:
   checkpointing.check_compatible(workdir, config, data=True)
   trainer = Trainer(config, workdir)
   c = config
@@ -337,7 +346,8 @@ def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState
     # As big_vision does: every host<->device copy in the loop (state, batches, metrics,
     # checkpoints, validation) is explicit; an implicit one is an error (config.transfer_guard).
     with jax.transfer_guard(config.get("transfer_guard", "disallow")):
-      return _train_loop(trainer, mgr, writer, stop_flag)
+      return _train_loop(trainer, mgr, writer, stop_flag,
+                         evaluators(trainer.run) if evaluators else None)
   finally:
     try:  # a pending async save completes even when the loop raised
       mgr.wait_until_finished()
@@ -347,7 +357,8 @@ def _start_and_train_locked(config, workdir: str, stop_flag) -> tuple[TrainState
     mgr.close()
 
 
-def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, dict]:
+def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
+                evaluators) -> tuple[TrainState, dict]:
   c, workdir = trainer.config, trainer.workdir
   seq_len = c.image_size**2
   state, latest, start_index = trainer.restore_latest(mgr)
@@ -374,14 +385,13 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
   stop_flag.begin_training()
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step, good_before = {}, 0, latest, latest
-  evaluators = {}  # the in-training evaluators, built at their first step and kept
   for step in range(start + 1, c.total_steps + 1):
     state, metrics = trainer.train_step(state, next(data))
     pending.append(metrics)
     is_last = step == c.total_steps
     preempted = stop_flag.should_stop(mgr, step, c.preemption_check_every_steps)
     checkpoint_now = step % c.checkpoint_every_steps == 0 or is_last or preempted
-    evals_now = eval_tasks.due(c, step, is_last)
+    evals_now = evaluators is not None and evaluators.due(step, is_last)
     if step % c.log_every_steps == 0 or checkpoint_now or evals_now:
       fetched = jax.device_get(pending)
       skipped += _check_finite(fetched, step - len(fetched) + 1, c, skipped)
@@ -400,8 +410,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag) -> tuple[TrainState, d
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       if evals_now:  # the in-training evaluators (config.evals) on the live parameters
         with jax.transfer_guard("allow"):  # probes fit on host features
-          last.update(eval_tasks.run_in_training(c, workdir, state.params, step,
-                                                 last=is_last, evaluators=evaluators))
+          last.update(evaluators.run(state.params, step, last=is_last))
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)

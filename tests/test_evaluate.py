@@ -1,5 +1,6 @@
 """The evaluation binary: probe correctness, features, end-to-end probe/low-data/finetune/bits."""
 
+import functools
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from flax import linen as nn
 from sklearn.linear_model import LogisticRegression
 
-from conftest import REPO, run_on_fake_devices
+from conftest import REPO
 from conftest import quickstart_config as quickstart
 from conftest import run_on_fake_devices
 from igpt_jax import config_lib
@@ -20,6 +21,7 @@ from igpt_jax import eval_tasks
 from igpt_jax import features as features_lib
 from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
+from igpt_jax import palette as palette_lib
 from igpt_jax import probe
 
 
@@ -520,9 +522,19 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
 
   monkeypatch.setattr(eval_tasks.Evaluator, "__init__", counting_init)
   monkeypatch.setattr(features_lib, "raw_pixels", counting_raw_pixels)
-  train.train_and_evaluate(config, workdir)
+  monkeypatch.setattr(palette_lib, "load_for_run", None)  # the live palette, never re-read
+  handed = []
+
+  def evaluators(live):
+    handed.append(eval_tasks.InTraining(config, workdir, live))
+    return handed[-1]
+
+  train.train_and_evaluate(config, workdir, evaluators)
   monkeypatch.undo()
   assert built == [20]  # built at its first step, reused at step 40
+  live, ev = handed[0].live, handed[0].evaluators["digits"]
+  assert ev.run.mesh is live.mesh and ev.run.model is live.model  # the training run's own
+  assert ev.run.centers is live.centers and ev.run.config.dataset == "digits"
   assert raw_splits == ["train", "validation", "test"]  # the baseline is fit once
   rows = metrics_by_step(workdir)
   for step in (20, 40):
@@ -553,7 +565,10 @@ def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_pat
                       eval_every_steps=6, warmup_steps=2)
   config.evals.broken = ml_collections.ConfigDict(dict(
       every_steps=3, tasks="bits_per_dim", dataset=str(tmp_path / "no_such_folder")))
-  train.train_and_evaluate(config, workdir)
+  with pytest.raises(ValueError, match="no evaluators were handed"):
+    train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir,
+                           functools.partial(eval_tasks.InTraining, config, workdir))
   out = capsys.readouterr().out
   assert "evaluator broken failed at step 3 and was skipped (MissingError: " in out
   assert "evaluator broken failed at step 6" in out

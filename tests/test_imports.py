@@ -17,10 +17,19 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(igpt_jax.__path__))
 TRAINING = {"main", "plan", "train"}
 
 
+# The evaluation stack: training (`main`, `train`) is handed evaluators and never loads it.
+EVALUATION = ("igpt_jax.eval_tasks", "igpt_jax.features", "igpt_jax.probe", "igpt_jax.finetune",
+              "matplotlib")
+NOT_EVALUATING = {"main", "train"}
+
+
 def test_every_module_imports_alone_and_only_training_imports_train():
+  """Each module in a fresh interpreter: it imports; only the training tools load the train
+  loop; the train loop and the training entry point load none of the evaluation stack."""
   assert len(MODULES) > 20 and "train" in MODULES and "errors" in MODULES
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  code = "import sys, igpt_jax.{}; print('TRAIN' if 'igpt_jax.train' in sys.modules else '')"
+  code = ("import sys, igpt_jax.{}; print('TRAIN' if 'igpt_jax.train' in sys.modules else ''); "
+          f"print('EVAL', [m for m in {EVALUATION!r} if m in sys.modules])")
   procs = {m: subprocess.Popen([sys.executable, "-c", code.format(m)], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True) for m in MODULES}
@@ -31,5 +40,7 @@ def test_every_module_imports_alone_and_only_training_imports_train():
       failed[m] = out[-1500:]
     elif "TRAIN" in out and m not in TRAINING:
       failed[m] = "imports igpt_jax.train"
+    elif m in NOT_EVALUATING and "EVAL []" not in out:
+      failed[m] = "imports the evaluation stack: " + out.strip().splitlines()[-1]
   assert not failed, failed
-
+  assert "eval_tasks" in MODULES and "features" in MODULES  # the names checked exist

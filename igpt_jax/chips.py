@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 
-GIB = 1024**3
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:

@@ -145,10 +145,6 @@ class LocalImageFolder(tfds.core.GeneratorBasedBuilder):
       yield index, {"image": path, "label": label}
 
 
-def label_names(builder) -> list[str]:
-  return list(builder.info.features["label"].names)
-
-
 def digits_arrays():
   """scikit-learn's 1,797 handwritten digits as uint8 [N, 8, 8, 1] (0..255) and labels.
 

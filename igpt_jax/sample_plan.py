@@ -20,7 +20,6 @@ step.
 from igpt_jax import errors
 from igpt_jax import planner
 
-GIB = planner.GIB
 
 
 def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: bool = True,
@@ -79,8 +78,8 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
       "positions": n,
       "decoding_block": decoding.default_block(n),
       "dtype": config.model.dtype,
-      "params_gib_per_device": params_b / GIB,
-      "kv_cache_gib_per_device": cache_b / GIB,
+      "params_gib_per_device": params_b / planner.GIB,
+      "kv_cache_gib_per_device": cache_b / planner.GIB,
       "hbm_gib": hbm_gib,
       "usable_gib": usable_gib,
   }
@@ -108,9 +107,10 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
   out["compile_s"] = time.time() - t0
   temp_b = planner.device_bytes(compiled.memory_analysis())[0]
   total = params_b + temp_b
-  out.update({"temp_gib_per_device": temp_b / GIB, "total_gib_per_device": total / GIB,
-              "hbm_headroom": 1.0 - total / (usable_gib * GIB),
-              "fits": total <= usable_gib * GIB})
+  out.update({"temp_gib_per_device": temp_b / planner.GIB,
+              "total_gib_per_device": total / planner.GIB,
+              "hbm_headroom": 1.0 - total / (usable_gib * planner.GIB),
+              "fits": total <= usable_gib * planner.GIB})
   if costs:
     cost = hlo_cost.analyze(compiled.as_text(), len(devices))
     model_flops = flops.sample_flops_per_token_of(model_cfg) * batch * n / len(devices)

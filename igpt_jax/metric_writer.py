@@ -54,11 +54,16 @@ class MetricWriter:
       self._tb.close()
 
 
+def rows(workdir: str) -> list[dict]:
+  """Every row of workdir/metrics.jsonl, in the order written."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def read(workdir: str) -> dict:
   """{step: row} of workdir/metrics.jsonl; a step logged twice (before a crash and after the
   resume) keeps the last."""
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {row["step"]: row for row in map(json.loads, f)}
+  return {row["step"]: row for row in rows(workdir)}
 
 
 def _step_of(line: str) -> int:

@@ -51,8 +51,8 @@ class Run:
     self._fit_palette = fit_palette
     self.local_batch = sharding.local_batch_size(config)
     if share is not None:  # fills the cached properties below
-      self.__dict__.update(mesh=share.mesh, model=share.model, apply_fn=share.apply_fn,
-                           centers=share.centers, _params_layout=share._params_layout)  # pylint: disable=protected-access
+      for part in ("mesh", "model", "apply_fn", "centers", "_params_layout"):
+        self.__dict__[part] = getattr(share, part)
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:

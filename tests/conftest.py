@@ -108,6 +108,18 @@ def override(config, overrides: dict):
   return config
 
 
+def tool_command(tool: str, *args) -> list:
+  """The command line of `python -m igpt_jax.<tool> ARGS` (run from the repository root)."""
+  return [sys.executable, "-m", f"igpt_jax.{tool}", *args]
+
+
+def run_tool(tool: str, *args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
+  """Runs `python -m igpt_jax.<tool> ARGS` in the repository root, as a user would; returns
+  its exit status and captured output."""
+  return subprocess.run(tool_command(tool, *args), cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
 def metrics_by_step(workdir) -> dict:
   """{step: row} of workdir/metrics.jsonl (metric_writer.read)."""
   from igpt_jax import metric_writer  # pylint: disable=g-import-not-at-top

@@ -7,22 +7,21 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from conftest import metrics_by_step
 from conftest import quickstart_config
+from conftest import run_tool
 from igpt_jax import checkpointing
 from igpt_jax import errors
 from igpt_jax import image_folder
 from igpt_jax import input_pipeline
 from igpt_jax import decoding
 from igpt_jax import train
+from igpt_jax import metric_writer
 
 QUICKSTART = "--config=configs/quickstart.py"
 
@@ -64,9 +63,7 @@ def tiny_folder(root, classes=("a", "b"), per_class=3, size=8):
   return str(root)
 
 
-def cli(tool, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", f"igpt_jax.{tool}", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+cli = run_tool
 
 
 def assert_user_error(out, *phrases):
@@ -444,6 +441,5 @@ def test_resuming_after_a_fallback_keeps_one_metrics_row_per_step(run, tmp_path)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "120"))  # the resume falls back to 60
   config = quickstart_config(total_steps=120)
   train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    steps = [json.loads(line)["step"] for line in f]
+  steps = [row["step"] for row in metric_writer.rows(workdir)]
   assert len(steps) == len(set(steps)) and max(steps) == 120

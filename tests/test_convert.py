@@ -3,8 +3,6 @@ image processor on real CIFAR-10, OpenAI's TF checkpoint layout, and the CLI."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import REPO  # pylint: disable=wrong-import-position
+from conftest import run_tool
 from igpt_jax import weights  # pylint: disable=wrong-import-position
 from igpt_jax import palette as palette_lib  # pylint: disable=wrong-import-position
 
@@ -73,9 +71,8 @@ def test_export_to_hf_round_trips(tmp_path):
   palette = np.random.default_rng(2).uniform(-1, 1, (512, 3)).astype(np.float32)
   save_hf(model, palette, tmp_path / "hf")
   weights.import_hf(str(tmp_path / "hf"), str(tmp_path / "run"))
-  cmd = [sys.executable, "-m", "igpt_jax.convert", "--to=hf", f"--workdir={tmp_path / 'run'}",
-         f"--output={tmp_path / 'back'}"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_tool("convert", "--to=hf", f"--workdir={tmp_path / 'run'}",
+                 f"--output={tmp_path / 'back'}")
   assert out.returncode == 0, out.stderr[-3000:]
   back = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "back").eval()
   tokens = np.random.default_rng(4).integers(0, 512, (2, 64))
@@ -130,10 +127,9 @@ def test_openai_checkpoint_layout(tmp_path):
       prefix = saver.save(sess, str(tmp_path / "model.ckpt"))
   palette = np.random.default_rng(6).uniform(-1, 1, (512, 3)).astype(np.float32)
   np.save(tmp_path / "kmeans_centers.npy", palette)
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.convert", "--source=openai",
-                        f"--input={prefix}", f"--palette={tmp_path / 'kmeans_centers.npy'}",
-                        "--num_heads=4", f"--workdir={tmp_path / 'run'}"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_tool("convert", "--source=openai", f"--input={prefix}",
+                 f"--palette={tmp_path / 'kmeans_centers.npy'}", "--num_heads=4",
+                 f"--workdir={tmp_path / 'run'}")
   assert out.returncode == 0, out.stderr[-3000:]
   logits, centers = weights.logits_fn(str(tmp_path / "run"))
   np.testing.assert_array_equal(centers, palette)
@@ -153,9 +149,7 @@ def test_conversion_errors_are_clear(tmp_path):
     weights.from_hf_state(state, num_layers=1, num_heads=4)
   with pytest.raises(weights.ConversionError, match="no config.json"):
     weights.import_hf(str(tmp_path), str(tmp_path / "run"))
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.convert", "--source=openai",
-                        f"--input={tmp_path / 'missing'}", "--palette=x.npy",
-                        f"--workdir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+  out = run_tool("convert", "--source=openai", f"--input={tmp_path / 'missing'}",
+                 "--palette=x.npy", f"--workdir={tmp_path / 'run'}", timeout=120)
   assert out.returncode == 2 and "cannot read a TF checkpoint" in out.stderr
   assert "Traceback" not in out.stderr

@@ -1,8 +1,6 @@
 """Sampling: the cached decoder against the naive sampler, distributions, infilling, the CLI."""
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +8,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from conftest import REPO
+from conftest import run_tool
 from conftest import run_on_fake_devices
 from igpt_jax import model as model_lib
 from igpt_jax import decoding
@@ -212,46 +210,50 @@ def test_infill_with_a_masked_pixel_model():
   np.testing.assert_array_equal(out[:, 20], expected)
 
 
-def train_quickstart(workdir, objective="next_pixel"):
-  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-         f"--workdir={workdir}", "--config.total_steps=20", "--config.warmup_steps=5",
-         "--config.log_every_steps=20", "--config.eval_every_steps=20",
-         "--config.checkpoint_every_steps=20", "--config.num_samples=0",
-         f"--config.objective={objective}"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return cmd[2:]
+@pytest.fixture
+def sampled_run(request, trained_quickstart, tmp_path):
+  """(workdir, step, objective): a copy of the shared quickstart run for next-pixel; a short
+  masked-pixel quickstart run trained here for masked-pixel."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train  # pylint: disable=g-import-not-at-top
+  objective, workdir = request.param, str(tmp_path / request.param)
+  if objective == "next_pixel":
+    shutil.copytree(trained_quickstart, workdir)
+    return workdir, 120, objective
+  train.train_and_evaluate(quickstart_config(objective=objective, total_steps=20,
+                                             checkpoint_every_steps=20, eval_every_steps=20,
+                                             warmup_steps=5), workdir)
+  return workdir, 20, objective
 
 
-@pytest.mark.parametrize("objective", ["next_pixel", "masked_pixel"])
-def test_sample_cli_writes_grids_and_tokens(tmp_path, objective):
-  workdir = str(tmp_path / objective)
-  train_quickstart(workdir, objective)
-  base = [sys.executable, "-m", "igpt_jax.sample", "--config=configs/quickstart.py",
-          f"--workdir={workdir}", f"--config.objective={objective}"]
-  out = subprocess.run(base + ["--mode=unconditional", "--num=6", "--per_step=8"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("sampled_run", ["next_pixel", "masked_pixel"], indirect=True)
+def test_sample_cli_writes_grids_and_tokens(sampled_run):
+  workdir, step, objective = sampled_run
+  base = ["--config=configs/quickstart.py", f"--workdir={workdir}",
+          f"--config.objective={objective}"]
+  out = run_tool("sample", *base, "--mode=unconditional", "--num=6", "--per_step=8",
+                 timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  tokens = np.load(os.path.join(workdir, "samples", "unconditional_step20.npy"))
+  assert f"Wrote {os.path.join(workdir, 'samples', f'unconditional_step{step}.png')}" in out.stdout
+  tokens = np.load(os.path.join(workdir, "samples", f"unconditional_step{step}.npy"))
   assert tokens.shape == (6, 64) and tokens.dtype == np.int32 and tokens.max() < 16
-  assert os.path.exists(os.path.join(workdir, "samples", "unconditional_step20.png"))
+  assert os.path.exists(os.path.join(workdir, "samples", f"unconditional_step{step}.png"))
 
-  out = subprocess.run(base + ["--mode=complete", "--num=3", "--completions=2", "--top_k=4"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  out = run_tool("sample", *base, "--mode=complete", "--num=3", "--completions=2", "--top_k=4",
+                 timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  tokens = np.load(os.path.join(workdir, "samples", "completions_step20.npy"))
+  tokens = np.load(os.path.join(workdir, "samples", f"completions_step{step}.npy"))
   assert tokens.shape == (3, 3, 64)
   # Completions keep the original top half (4 rows of 8 pixels).
   np.testing.assert_array_equal(tokens[:, 1:, :32], np.repeat(tokens[:, :1, :32], 2, axis=1))
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  grid = Image.open(os.path.join(workdir, "samples", "completions_step20.png"))
+  grid = Image.open(os.path.join(workdir, "samples", f"completions_step{step}.png"))
   assert grid.size[0] > grid.size[1]  # 3 rows of (original, masked, 2 completions)
 
 
 def test_sample_cli_without_a_run_fails_clearly(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.sample", "--config=configs/quickstart.py",
-                        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+  out = run_tool("sample", "--config=configs/quickstart.py", f"--workdir={tmp_path}")
   assert out.returncode != 0 and "holds no trained run" in out.stderr
 
 

@@ -14,6 +14,7 @@ from flax import linen as nn
 from sklearn.linear_model import LogisticRegression
 
 from conftest import REPO
+from conftest import run_tool
 from conftest import quickstart_config as quickstart
 from conftest import run_on_fake_devices
 from igpt_jax import config_lib
@@ -422,17 +423,16 @@ def test_missing_run_and_missing_step_fail_with_a_fix(trained_quickstart, tmp_pa
 
 
 def test_evaluate_cli(trained_quickstart):
-  cmd = [sys.executable, "-m", "igpt_jax.evaluate", "--config=configs/quickstart.py",
-         f"--workdir={trained_quickstart}", "--config.eval.tasks=bits_per_dim,linear_probe",
-         "--config.eval.layers=2", "--config.eval.raw_pixel_baseline=False"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_tool("evaluate", "--config=configs/quickstart.py", f"--workdir={trained_quickstart}",
+                 "--config.eval.tasks=bits_per_dim,linear_probe", "--config.eval.layers=2",
+                 "--config.eval.raw_pixel_baseline=False")
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Test bits/dim:" in out.stdout and "Linear probe: best layer 2" in out.stdout
   with open(os.path.join(trained_quickstart, "eval", "linear_probe.json")) as f:
     lp = json.load(f)
   assert list(lp["layers"]) == ["2"] and "raw_pixel_test_acc" not in lp
-  bad = subprocess.run(cmd[:5] + ["--config.eval.tasks=knn"], cwd=REPO, capture_output=True,
-                       text=True, timeout=120)
+  bad = run_tool("evaluate", "--config=configs/quickstart.py", f"--workdir={trained_quickstart}",
+                 "--config.eval.tasks=knn", timeout=120)
   # A user error: status 2, the message naming the field, no traceback.
   assert bad.returncode == 2 and "ConfigError: config.eval.tasks='knn'" in bad.stderr
   assert "Traceback" not in bad.stderr

@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -17,13 +16,14 @@ from conftest import REPO
 from conftest import metrics_by_step
 from conftest import quickstart_config
 from conftest import wait_for_logged_steps
+from conftest import tool_command
 from igpt_jax import checkpointing
 from igpt_jax import errors
 from igpt_jax import input_pipeline
 from igpt_jax import train
 
-CLI = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-       "--config.warmup_steps=2", "--config.num_samples=0", "--config.log_every_steps=1"]
+CLI = tool_command("main", "--config=configs/quickstart.py", "--config.warmup_steps=2",
+                   "--config.num_samples=0", "--config.log_every_steps=1")
 
 
 def restore_params(workdir, step):

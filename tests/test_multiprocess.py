@@ -5,7 +5,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,9 +13,11 @@ import pytest
 from conftest import REPO
 from conftest import metrics_by_step
 from conftest import wait_for_logged_steps
+from conftest import run_tool
+from conftest import tool_command
 
-BASE = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-        "--config.warmup_steps=2", "--config.num_samples=0", "--config.log_every_steps=1"]
+BASE = tool_command("main", "--config=configs/quickstart.py", "--config.warmup_steps=2",
+                    "--config.num_samples=0", "--config.log_every_steps=1")
 
 
 def free_port() -> int:
@@ -136,9 +137,9 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
   for name in ("single", "multi"):
     runs[name] = str(tmp_path / name)
     shutil.copytree(trained_quickstart, runs[name], ignore=shutil.ignore_patterns("eval"))
-  cmd = [sys.executable, "-m", "igpt_jax.evaluate", "--config=configs/quickstart.py",
-         "--config.eval.tasks=linear_probe", "--config.eval.layers=2,4",
-         "--config.eval.raw_pixel_baseline=False"]
+  cmd = tool_command("evaluate", "--config=configs/quickstart.py",
+                     "--config.eval.tasks=linear_probe", "--config.eval.layers=2,4",
+                     "--config.eval.raw_pixel_baseline=False")
   out = subprocess.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -179,9 +180,8 @@ def test_multi_process_start_up_fails_in_one_line(tmp_path, env, phrase):
   if "IGPT_DISTRIBUTED_AUTO" in env:
     del env["IGPT_COORDINATOR_ADDRESS"]
   t0 = time.time()
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-                        f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120)
+  out = run_tool("main", "--config=configs/quickstart.py", f"--workdir={tmp_path}", env=env,
+                 timeout=120)
   assert out.returncode == 2, out.stderr[-2000:]
   assert time.time() - t0 < 60
   errors = [l for l in out.stderr.splitlines() if l.startswith("error: ")]

@@ -3,11 +3,11 @@ and a real search with the GPU compiler."""
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO, quickstart_config, requires_gpu_compiler
+from conftest import run_tool
 from igpt_jax import plan_search
 
 
@@ -105,10 +105,10 @@ def test_search_with_the_gpu_compiler_and_its_cache(tmp_path):
   candidate compiled by XLA:GPU, the best printed as a command; a second search reads every
   plan from the cache."""
   requires_gpu_compiler()
-  cmd = [sys.executable, "-m", "igpt_jax.plan", "--config=configs/s.py", "--search=h100",
-         "--max_chips=16", "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
+  cmd = ["--config=configs/s.py", "--search=h100", "--max_chips=16",
+         "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
          f"--cache_dir={tmp_path}"]
-  first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+  first = run_tool("plan", *cmd, timeout=900)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "| 1 | h100:" in first.stdout and "XLA:GPU" in first.stdout
   best = [l for l in first.stdout.splitlines() if l.startswith("Best: ")]
@@ -129,6 +129,5 @@ def test_search_with_the_gpu_compiler_and_its_cache(tmp_path):
     (["--search=v5e", "--max_chips=2"], "--max_chips=2"),
 ])
 def test_search_flags_fail_in_one_line(flags, phrase):
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/s.py",
-                        *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_tool("plan", "--config=configs/s.py", *flags, timeout=300)
   assert out.returncode == 2 and phrase in out.stderr and "Traceback" not in out.stderr

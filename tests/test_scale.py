@@ -5,13 +5,13 @@ import functools
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import run_tool
 from conftest import run_on_fake_devices
 from conftest import tiny_config
 from igpt_jax import distributed
@@ -89,8 +89,7 @@ def test_memory_plan_compiles_on_fake_devices_and_sees_fsdp():
 
 
 def _plan_quickstart(*flags):
-  return subprocess.run([sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-                         *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+  return run_tool("plan", "--config=configs/quickstart.py", *flags, timeout=300)
 
 
 def test_plan_cli():

@@ -6,15 +6,14 @@ libtpu (the [tpu] extra) gives compile-only TPU devices for a topology name on t
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import REPO, requires_gpu_compiler, requires_tpu_compiler, tiny_config
+from conftest import requires_gpu_compiler, requires_tpu_compiler, tiny_config
+from conftest import run_tool
 from igpt_jax import attention
 from igpt_jax import chips
 from igpt_jax import sharding
@@ -57,12 +56,10 @@ def test_plan_compiles_the_igpt_s_train_step_for_a_v5e_slice():
   """`python -m igpt_jax.plan --topology=v5e:2x2`: the real iGPT-S train step (bfloat16, batch
   8) compiled by the TPU compiler, with its memory figures, FLOPs and roofline."""
   requires_tpu_compiler()
-  out = subprocess.run(
-      [sys.executable, "-m", "igpt_jax.plan", "--config=configs/s.py", "--topology=v5e:2x2",
-       "--config.batch_size=8", "--config.model.dtype=bfloat16", "--config.mesh.data=1",
-       "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--json"],
-      cwd=REPO, capture_output=True, text=True, timeout=900,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))  # XLA's warnings, which it checks
+  out = run_tool("plan", "--config=configs/s.py", "--topology=v5e:2x2", "--config.batch_size=8",
+                 "--config.model.dtype=bfloat16", "--config.mesh.data=1",
+                 "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--json", timeout=900,
+                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0"))  # XLA's warnings, checked
   assert out.returncode == 0, out.stderr[-3000:]
   p = json.loads(out.stdout.strip().splitlines()[-1])
   assert p["compiler"] == "XLA:TPU" and p["device_kind"] == "TPU v5 lite"
@@ -88,9 +85,7 @@ def test_plan_compiles_the_igpt_s_train_step_for_a_v5e_slice():
 
 def test_plan_refuses_an_unknown_topology():
   requires_tpu_compiler()
-  out = subprocess.run(
-      [sys.executable, "-m", "igpt_jax.plan", "--config=configs/quickstart.py",
-       "--topology=v9z:3x3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = run_tool("plan", "--config=configs/quickstart.py", "--topology=v9z:3x3")
   assert out.returncode == 2, out.stderr[-2000:]
   errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "--topology=v9z:3x3" in errors[0] and "v5e:16x16" in errors[0]
@@ -119,8 +114,7 @@ def test_chip_rows_match_jax_device_kinds():
 
 
 def _plan_json(*flags, timeout=900):
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", *flags, "--json"], cwd=REPO,
-                       capture_output=True, text=True, timeout=timeout)
+  out = run_tool("plan", *flags, "--json", timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Traceback" not in out.stderr
   return json.loads(out.stdout.strip().splitlines()[-1]), out
@@ -150,8 +144,7 @@ def test_plan_says_does_not_fit_when_the_tpu_compiler_runs_out_of_memory():
            "--config.mesh.tensor=1"]
   p, _ = _plan_json(*flags)
   assert p["fits"] is False and "exceed" in p["compiler_says"]
-  out = subprocess.run([sys.executable, "-m", "igpt_jax.plan", *flags], cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
+  out = run_tool("plan", *flags, timeout=900)
   assert out.returncode == 0 and "Traceback" not in out.stderr
   assert "DOES NOT FIT in 16 GiB per device: the compiler refused" in out.stdout
 

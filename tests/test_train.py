@@ -2,23 +2,20 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import run_tool
 from conftest import run_on_fake_devices
 from igpt_jax import checkpointing
 from igpt_jax import flops
+from igpt_jax import metric_writer
 from igpt_jax import train
 
 
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+read_metrics = metric_writer.rows
 
 
 def assert_trees_equal(a, b):
@@ -102,12 +99,10 @@ def test_incompatible_config_in_workdir_is_refused(cifar_config, tmp_path):
 
 def test_cli_quickstart_runs_on_builtin_digits(tmp_path):
   workdir = str(tmp_path / "qs")
-  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-         f"--workdir={workdir}", "--config.total_steps=30", "--config.warmup_steps=5",
-         "--config.log_every_steps=10",
-         "--config.eval_every_steps=30", "--config.checkpoint_every_steps=30",
-         "--config.num_samples=4"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  out = run_tool("main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+                 "--config.total_steps=30", "--config.warmup_steps=5",
+                 "--config.log_every_steps=10", "--config.eval_every_steps=30",
+                 "--config.checkpoint_every_steps=30", "--config.num_samples=4", timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "800,000 parameters" in out.stdout
   assert "step 30/30 | loss" in out.stdout and "validation bits/dim" in out.stdout
@@ -122,9 +117,8 @@ def test_cli_quickstart_runs_on_builtin_digits(tmp_path):
 
 
 def test_cli_rejects_unknown_config_field(tmp_path):
-  cmd = [sys.executable, "-m", "igpt_jax.main", "--config=configs/quickstart.py",
-         f"--workdir={tmp_path}", "--config.no_such_field=3"]
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  out = run_tool("main", "--config=configs/quickstart.py", f"--workdir={tmp_path}",
+                 "--config.no_such_field=3", timeout=120)
   assert out.returncode != 0 and "no_such_field" in out.stderr
 
 

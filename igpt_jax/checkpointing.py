@@ -108,6 +108,49 @@ def restore_params(mgr: ocp.CheckpointManager, step: int, abstract_params):
   return restored["state"]["params"]
 
 
+def restore_newest(mgr: ocp.CheckpointManager, workdir: str, abstract, *, params_only: bool,
+                   step: int | None = None, batch_size: int, log=print):
+  """(restored, step, next_index) of a run's checkpoint, or (None, None, None) if it has none.
+
+  `abstract`: ShapeDtypeStructs with shardings of the train state, or of the parameters alone
+  (`params_only`, an orbax partial restore). `step=None` takes the newest checkpoint that
+  restores: newer damaged ones are skipped with one line each and moved to
+  workdir/corrupt_checkpoints/ (never deleted); if none restores, nothing is moved and the error
+  lists every failure. An exact `step` must exist and restore. `next_index` is the saved data
+  position, or step x batch_size for checkpoints that predate it.
+  """
+  if step is not None and step not in mgr.all_steps():
+    raise errors.MissingError(
+        f"no checkpoint at step {step} in {workdir}/checkpoints (have "
+        f"{sorted(mgr.all_steps())}); train first or pick one of those.")
+  candidates = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
+  failures = []
+  for s in candidates:
+    try:
+      restored = (restore_params if params_only else restore)(mgr, s, abstract)
+      next_index = data_position(mgr, s)
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+      reason = failure_reason(e)
+      if step is None:
+        log(f"Skipping checkpoint {s}: it does not restore ({reason}).")
+      failures.append((s, reason))
+      continue
+    if step is None:
+      for bad, _ in failures:
+        moved = quarantine(mgr, workdir, bad)
+        log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {s}.")
+      if failures:
+        mgr.reload()
+    return restored, s, (s * batch_size if next_index is None else next_index)
+  if failures:
+    raise CheckpointError(
+        f"no checkpoint in {workdir}/checkpoints restores: "
+        + "; ".join(f"step {s}: {r}" for s, r in failures)
+        + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
+        "otherwise move the damaged step directories away or use a new --workdir.")
+  return None, None, None
+
+
 def data_position(mgr: ocp.CheckpointManager, step: int):
   """The next global stream index saved with `step`; None for checkpoints written before the
   data position was saved (they resume from step x batch size)."""

@@ -5,9 +5,8 @@ built on first use, so each tool pays only for what it uses: `sample` and `evalu
 parameters alone (no optimizer state is built or read), `convert` never opens the dataset, and
 only training (igpt_jax/train.py) fits a palette or allocates a fresh state.
 
-One `restore` serves all of them, with the damaged-checkpoint handling: the newest step that
-restores is used, newer damaged ones are skipped with one line each and moved to
-workdir/corrupt_checkpoints/ (never deleted); an exact step either restores or fails naming why.
+One `restore` serves all of them, with the damaged-checkpoint handling of
+`checkpointing.restore_newest`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from igpt_jax import objectives
 from igpt_jax import palette as palette_lib
 from igpt_jax import decoding
 from igpt_jax import sharding
+from igpt_jax import train_state
 
 
 def log(msg: str) -> None:
@@ -97,12 +97,8 @@ class Run:
 
   @functools.cached_property
   def _params_layout(self):
-    with sharding.use(self.mesh, self.config):
-      boxed = model_lib.abstract_params(self.model_cfg)
-      shardings = sharding.param_shardings(boxed, self.mesh, self.config)
-    # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
-    shapes = model_lib.unbox_shapes(boxed)
-    return checkpointing.abstract_like(shapes, shardings), shardings
+    return train_state.sharded_shapes(lambda: model_lib.abstract_params(self.model_cfg),
+                                      self.mesh, self.config)
 
   @property
   def abstract_params(self):
@@ -117,49 +113,12 @@ class Run:
     return checkpointing.manager(self.workdir, self.config)
 
   def restore(self, mgr, *, step: int | None = None, abstract_state=None):
-    """(restored, step, next_index), or (None, None, None) when there is no checkpoint.
-
-    `abstract_state` (a train state's ShapeDtypeStructs) restores the whole state into its
-    shards; without it, the parameters alone (orbax partial restore). `step=None` takes the
-    newest checkpoint that restores, skipping and quarantining damaged newer ones; an exact
-    `step` must exist and restore. `next_index` is the saved data position, or step x batch
-    size for checkpoints that predate it.
-    """
-    if step is not None and step not in mgr.all_steps():
-      raise errors.MissingError(
-          f"no checkpoint at step {step} in {self.workdir}/checkpoints (have "
-          f"{sorted(mgr.all_steps())}); train first or pick one of those.")
-    candidates = [step] if step is not None else sorted(mgr.all_steps(), reverse=True)
-    failures = []
-    for s in candidates:
-      try:
-        if abstract_state is None:
-          restored = checkpointing.restore_params(mgr, s, self.abstract_params)
-        else:
-          restored = checkpointing.restore(mgr, s, abstract_state)
-        next_index = checkpointing.data_position(mgr, s)
-      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
-        reason = checkpointing.failure_reason(e)
-        if step is None:
-          log(f"Skipping checkpoint {s}: it does not restore ({reason}).")
-        failures.append((s, reason))
-        continue
-      if step is None:
-        for bad, _ in failures:
-          moved = checkpointing.quarantine(mgr, self.workdir, bad)
-          log(f"Moved unrestorable checkpoint {bad} to {moved}; resuming from step {s}.")
-        if failures:
-          mgr.reload()
-      if next_index is None:
-        next_index = s * self.config.batch_size
-      return restored, s, next_index
-    if failures:
-      raise checkpointing.CheckpointError(
-          f"no checkpoint in {self.workdir}/checkpoints restores: "
-          + "; ".join(f"step {s}: {r}" for s, r in failures)
-          + ". Nothing was moved or deleted. If the config changed, use the run's config.json; "
-          "otherwise move the damaged step directories away or use a new --workdir.")
-    return None, None, None
+    """(restored, step, next_index), or (None, None, None) when there is no checkpoint: the
+    whole state into `abstract_state`'s shards, else the parameters alone (orbax partial
+    restore). See `checkpointing.restore_newest`."""
+    return checkpointing.restore_newest(
+        mgr, self.workdir, abstract_state if abstract_state is not None else self.abstract_params,
+        params_only=abstract_state is None, step=step, batch_size=self.config.batch_size, log=log)
 
   def restore_params(self, step: int | None = None):
     """(params, step) of the run's latest checkpoint (or `step`); a run without one fails."""

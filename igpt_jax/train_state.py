@@ -69,17 +69,25 @@ def _state_init_fn(model, tx, config):
 KEY_SHAPE = jax.ShapeDtypeStruct((2,), jnp.uint32)  # a jax.random.PRNGKey, as a shape
 
 
+def sharded_shapes(boxed_shapes, mesh, config):
+  """(ShapeDtypeStructs carrying their shardings, the shardings) of the pytree of boxed shapes
+  (logical axis names) that `boxed_shapes()` returns, laid out by the config's axis rules on
+  `mesh`. Nothing is allocated."""
+  with sharding.use(mesh, config):
+    boxed = boxed_shapes()
+    shardings = sharding.param_shardings(boxed, mesh, config)
+  # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
+  return checkpointing.abstract_like(model_lib.unbox_shapes(boxed), shardings), shardings
+
+
 def abstract_train_state(model, tx, mesh, config):
   """(shape-only TrainState of ShapeDtypeStructs carrying their shardings, the shardings).
 
   Nothing is allocated: `jax.eval_shape` of the init, shardings from the logical axis rules.
+  The key is a shape too: no eager op, so this also works on compile-only devices.
   """
-  with sharding.use(mesh, config):
-    # The key as a shape too: no eager op, so this also works on compile-only devices.
-    boxed = jax.eval_shape(_state_init_fn(model, tx, config), KEY_SHAPE)
-    shardings = sharding.param_shardings(boxed, mesh, config)
-  # Unboxed outside the mesh context: under it, unboxing would apply sharding constraints.
-  return checkpointing.abstract_like(model_lib.unbox_shapes(boxed), shardings), shardings
+  return sharded_shapes(lambda: jax.eval_shape(_state_init_fn(model, tx, config), KEY_SHAPE),
+                        mesh, config)
 
 
 def create_train_state(model, tx, mesh, config, seed: int):

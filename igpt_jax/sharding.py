@@ -66,10 +66,13 @@ def replicated(mesh) -> NamedSharding:
 
 
 def global_batch(local: dict, mesh) -> dict:
-  """Host-local numpy batch -> global jax arrays sharded over the batch axes."""
+  """Host-local numpy batch -> global jax arrays sharded over the batch axes: the batch's one
+  intended host-to-device copy, so it is allowed under the train loop's transfer guard (with
+  several processes jax counts `make_array_from_process_local_data` as an implicit copy)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+  with jax.transfer_guard_host_to_device("allow"):
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
 
 
 def local_batch_size(config) -> int:

@@ -292,8 +292,18 @@ class InTraining:
   its data source and compiled extraction are reused."""
 
   def __init__(self, config, workdir: str, live: run_lib.Run):
+    """Opens every evaluator's dataset now, before the first step: one that cannot be opened
+    fails here, naming its config.evals field, instead of at its first evaluation."""
     self.config, self.workdir, self.live = config, workdir, live
     self.evaluators = {}  # name -> Evaluator
+    for name in sorted(config.get("evals", {}) or {}):
+      data_config = config_lib.eval_data_config(in_training_config(config, name))
+      try:
+        run_lib.Run(data_config, workdir, share=live).source  # pylint: disable=expression-not-assigned
+      except errors.UserError as e:
+        field = "dataset" if "dataset" in config.evals[name] else "dataset (config.eval.dataset)"
+        raise type(e)(f"in-training evaluator config.evals.{name}: its {field} "
+                      f"{data_config.dataset!r} cannot be opened: {e}") from e
 
   def due(self, step: int, last: bool = False) -> bool:
     """Whether any evaluator runs at `step` (all run on the last step)."""

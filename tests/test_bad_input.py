@@ -157,6 +157,23 @@ def test_an_error_inside_get_config_is_its_own_line_not_a_traceback(tmp_path):
   assert "File \"" not in out.stderr and ").." not in out.stderr
 
 
+def test_an_evaluator_whose_dataset_is_missing_stops_before_the_first_step(tmp_path):
+  config_file = tmp_path / "with_evals.py"
+  config_file.write_text(
+      "import ml_collections\n"
+      "from configs import quickstart\n"
+      "def get_config():\n"
+      "  c = quickstart.get_config()\n"
+      "  c.evals.probe = ml_collections.ConfigDict(dict(every_steps=10, tasks='linear_probe',\n"
+      f"      dataset={str(tmp_path / 'no_such_folder')!r}))\n"
+      "  return c\n")
+  out = cli("main", f"--config={config_file}", f"--workdir={tmp_path / 'run'}")
+  assert_user_error(out, "in-training evaluator config.evals.probe: its dataset",
+                    "no_such_folder")
+  assert "step 1/" not in out.stdout
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 def test_main_workdir_that_is_a_file_or_unwritable(tmp_path):
   a_file = tmp_path / "f"
   a_file.write_text("x")

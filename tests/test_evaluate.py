@@ -554,23 +554,38 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
           == lp["raw_pixel_test_acc"])
 
 
-def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_path, capsys):
-  """An evaluator that fails at run time (here its dataset is missing) is reported in one line
-  and skipped; the checkpoint due at the same step is already written and training goes on."""
+def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_path, capsys,
+                                                                         monkeypatch):
+  """An evaluator whose dataset cannot be opened stops the run before the first step, naming
+  its config.evals field. One that fails at run time is reported in one line and skipped; the
+  checkpoint due at the same step is already written and training goes on."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
+  from igpt_jax import errors  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
   config = quickstart(total_steps=6, checkpoint_every_steps=3, log_every_steps=3,
                       eval_every_steps=6, warmup_steps=2)
   config.evals.broken = ml_collections.ConfigDict(dict(
       every_steps=3, tasks="bits_per_dim", dataset=str(tmp_path / "no_such_folder")))
+  evaluators = functools.partial(eval_tasks.InTraining, config, workdir)
   with pytest.raises(ValueError, match="no evaluators were handed"):
     train.train_and_evaluate(config, workdir)
-  train.train_and_evaluate(config, workdir,
-                           functools.partial(eval_tasks.InTraining, config, workdir))
+  with pytest.raises(errors.UserError, match="in-training evaluator config.evals.broken: its "
+                                             "dataset .*no_such_folder.* cannot be opened"):
+    train.train_and_evaluate(config, workdir, evaluators)
+  assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.listdir(
+      os.path.join(workdir, "checkpoints"))
+  config.evals.broken.dataset = ""  # the training data: opens; now it fails at run time
+
+  def fails(self):
+    raise RuntimeError("the evaluation broke")
+
+  monkeypatch.setattr(eval_tasks.Evaluator, "bits_per_dim", fails)
+  train.train_and_evaluate(config, workdir, evaluators)
   out = capsys.readouterr().out
-  assert "evaluator broken failed at step 3 and was skipped (MissingError: " in out
+  assert ("evaluator broken failed at step 3 and was skipped (RuntimeError: the evaluation "
+          "broke)") in out
   assert "evaluator broken failed at step 6" in out
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert sorted(metrics_by_step(workdir)) == [3, 6]

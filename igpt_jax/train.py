@@ -314,7 +314,7 @@ def _start_and_train_locked(config, workdir: str, stop_flag,
                             evaluators) -> tuple[TrainState, dict]:
   checkpointing.check_compatible(workdir, config, data=True)
   trainer = Trainer(config, workdir)
-  evaluators = evaluators(trainer.run) if evaluators else None  # their data opened now
+  in_training = evaluators(trainer.run) if evaluators else None  # their data opened now
   c = config
   seq_len = c.image_size**2
   log(f"iGPT: {c.model.num_layers} layers x {c.model.width} width, {c.model.num_heads} heads, "
@@ -347,7 +347,7 @@ def _start_and_train_locked(config, workdir: str, stop_flag,
     # As big_vision does: every host<->device copy in the loop (state, batches, metrics,
     # checkpoints, validation) is explicit; an implicit one is an error (config.transfer_guard).
     with jax.transfer_guard(config.get("transfer_guard", "disallow")):
-      return _train_loop(trainer, mgr, writer, stop_flag, evaluators)
+      return _train_loop(trainer, mgr, writer, stop_flag, in_training)
   finally:
     try:  # a pending async save completes even when the loop raised
       mgr.wait_until_finished()

@@ -40,9 +40,10 @@ class ProbeError(errors.UserError, ValueError):
 CHUNK_ROWS = 16_384  # rows read at a time from features that may live on disk
 # Peak host memory of a probe fit in memory, in units of the float32 training features: the
 # standardised copy, the device's copy of it (on a CPU, host memory too), chunks read from disk
-# and the solver's buffers. Measured 3.05x (SGD) and 3.13x (L-BFGS) on 2.7-4 GiB of features
-# (tests/test_evaluate.py measures it again); 3.25 keeps a margin.
-IN_MEMORY_PEAK_FACTOR = 3.25
+# and the solver's buffers. Measured 3.05x (SGD) and 3.13x (L-BFGS) on 2.7-4 GiB of features,
+# and up to 3.41x (SGD, 123 MB) while other tests loaded the machine (tests/test_evaluate.py
+# measures it again); 3.5 keeps a margin over all of them.
+IN_MEMORY_PEAK_FACTOR = 3.5
 
 
 def chunks(n: int, rows: int = CHUNK_ROWS):

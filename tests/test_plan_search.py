@@ -2,11 +2,10 @@
 and a real search with the GPU compiler."""
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import REPO, quickstart_config, requires_gpu_compiler
+from conftest import quickstart_config, requires_gpu_compiler
 from conftest import run_tool
 from igpt_jax import plan_search
 
@@ -115,8 +114,7 @@ def test_search_with_the_gpu_compiler_and_its_cache(tmp_path):
   assert best and "--config.model.num_layers=2" in best[0] and "--topology=h100:" in best[0]
   cached = len(list(tmp_path.glob("plan-*.json")))
   assert cached >= 2
-  again = subprocess.run(cmd + ["--json"], cwd=REPO, capture_output=True, text=True,
-                         timeout=900)
+  again = run_tool("plan", *cmd, "--json", timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   result = json.loads(again.stdout.strip().splitlines()[-1])
   assert len(list(tmp_path.glob("plan-*.json"))) == cached  # nothing new compiled

@@ -87,7 +87,7 @@ class Evaluator:
     _limit_train(self.run.source, config.eval.max_train_examples)
     if params is None:
       # Parameters only, straight into their shardings: no optimizer state is built.
-      params, step = self.run.restore_params(
+      params, step = self.run.latest_params(
           config.eval.step if config.eval.step >= 0 else None)
     self.params, self.step = params, int(step)
     self.num_classes = self.run.source.num_classes

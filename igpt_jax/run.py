@@ -120,7 +120,7 @@ class Run:
         mgr, self.workdir, abstract_state if abstract_state is not None else self.abstract_params,
         params_only=abstract_state is None, step=step, batch_size=self.config.batch_size, log=log)
 
-  def restore_params(self, step: int | None = None):
+  def latest_params(self, step: int | None = None):
     """(params, step) of the run's latest checkpoint (or `step`); a run without one fails."""
     mgr = self.checkpoints()
     try:

@@ -60,7 +60,7 @@ def write(config, workdir: str, *, mode: str = "unconditional", num: int = 16,
                            f"{config.palette_size} (0 keeps all).")
   trained = run_lib.Run(config, workdir)
   trained.centers  # pylint: disable=pointless-statement  # a run without a palette fails here
-  params, step = trained.restore_params()  # parameters only: no optimizer state
+  params, step = trained.latest_params()  # parameters only: no optimizer state
   rng = jax.random.PRNGKey(seed)
   if mode == "unconditional":
     tokens = trained.sample(params, num, rng, cfg=cfg, per_step=per_step)

@@ -135,7 +135,7 @@ class Trainer:
     state (see `run.Run.restore`); (None, None, None) if there is none."""
     return self.run.restore(mgr, abstract_state=self.abstract_state)
 
-  def train_step(self, state, local_batch):
+  def step(self, state, local_batch):
     with sharding.use(self.run.mesh, self.config):
       return self._train_step(state, sharding.global_batch(local_batch, self.run.mesh))
 
@@ -386,7 +386,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
   pending, t_last, t0, step = [], time.time(), time.time(), start
   last, skipped, saved_step, good_before = {}, 0, latest, latest
   for step in range(start + 1, c.total_steps + 1):
-    state, metrics = trainer.train_step(state, next(data))
+    state, metrics = trainer.step(state, next(data))
     pending.append(metrics)
     is_last = step == c.total_steps
     preempted = stop_flag.should_stop(mgr, step, c.preemption_check_every_steps)

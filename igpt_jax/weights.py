@@ -256,11 +256,11 @@ def _model_state(config):
   return model, tx, state, shardings
 
 
-def _restore_params(workdir: str, config):
+def _params_and_model(workdir: str, config):
   """(params, step, model) of the latest checkpoint in `workdir`; no optimizer state is built
   and the dataset is not opened."""
   run = run_lib.Run(config, workdir)
-  params, step = run.restore_params()
+  params, step = run.latest_params()
   return params, step, run.model
 
 
@@ -437,7 +437,7 @@ def export_hf(workdir: str, output_dir: str, config) -> str:
   if config.objective != "next_pixel":
     raise ConversionError("only next-pixel models map onto ImageGPTForCausalImageModeling.")
   _check_export_dir(output_dir)
-  params, step, _ = _restore_params(workdir, config)
+  params, step, _ = _params_and_model(workdir, config)
   centers = palette_lib.load_for_run(config, workdir)
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
@@ -463,7 +463,7 @@ def logits_fn(workdir: str, config=None):
   if config is None:
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
-  params, _, model = _restore_params(workdir, config)
+  params, _, model = _params_and_model(workdir, config)
   centers = palette_lib.load_for_run(config, workdir)
   apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
   return (lambda tokens: np.asarray(apply(params, np.asarray(tokens, np.int32)))), centers

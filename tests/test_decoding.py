@@ -263,7 +263,7 @@ def test_many_images_are_sampled_a_batch_at_a_time(trained_quickstart):
   from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
   from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   trained = run_lib.Run(quickstart_config(batch_size=4), trained_quickstart)
-  params, _ = trained.restore_params()
+  params, _ = trained.latest_params()
   rng = jax.random.PRNGKey(0)
   images = trained.sample(params, 10, rng)
   assert images.shape == (10, 64) and images.max() < 16

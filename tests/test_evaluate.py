@@ -487,11 +487,11 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   assert model_lib.count_params(ev.params) == 800_000 and ev.step == 120
   grown = sum(x.nbytes for x in jax.live_arrays()) - baseline
   assert param_bytes <= grown < 1.2 * param_bytes  # parameters, not 3x (Adam's mu and nu)
-  params, step = run_lib.Run(config, trained_quickstart).restore_params()  # `sample`'s restore
+  params, step = run_lib.Run(config, trained_quickstart).latest_params()  # `sample`'s restore
   assert step == 120
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                   jax.tree_util.tree_leaves(ev.params)))
-  params, step, _ = weights._restore_params(trained_quickstart, config)  # export's restore
+  params, step, _ = weights._params_and_model(trained_quickstart, config)  # export's restore
   assert step == 120 and model_lib.count_params(params) == 800_000
 
 

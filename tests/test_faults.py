@@ -26,7 +26,7 @@ CLI = tool_command("main", "--config=configs/quickstart.py", "--config.warmup_st
                    "--config.num_samples=0", "--config.log_every_steps=1")
 
 
-def restore_params(workdir, step):
+def restored_state(workdir, step):
   config = quickstart_config()
   trainer = train.Trainer(config, workdir)
   mgr = checkpointing.manager(workdir, config)
@@ -64,7 +64,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   for step in range(1, 13):
     assert a[step]["loss"] == b[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
     assert a[step]["grad_norm"] == b[step]["grad_norm"]
-  sa, sb = restore_params(straight, 12), restore_params(killed, 12)
+  sa, sb = restored_state(straight, 12), restored_state(killed, 12)
   for x, y in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb), strict=True):
     np.testing.assert_array_equal(x, y)
 
@@ -119,7 +119,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_kept(two_checkpoints, tmp_path
                                                         capsys):
   workdir = str(tmp_path / "run")
   shutil.copytree(two_checkpoints, workdir)
-  good = restore_params(workdir, 2)
+  good = restored_state(workdir, 2)
   damage(workdir, how)
   capsys.readouterr()
   config = quickstart_config(total_steps=6, checkpoint_every_steps=2, eval_every_steps=6)
@@ -133,7 +133,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_kept(two_checkpoints, tmp_path
   assert int(state.step) == 6
   # Step 2 was left untouched and is still restorable.
   for x, y in zip(jax.tree_util.tree_leaves(good),
-                  jax.tree_util.tree_leaves(restore_params(workdir, 2))):
+                  jax.tree_util.tree_leaves(restored_state(workdir, 2))):
     np.testing.assert_array_equal(x, y)
 
 
@@ -235,7 +235,7 @@ def test_nonfinite_step_stops_before_checkpointing_it(tmp_path):
   with pytest.raises(FloatingPointError, match="non-finite training step 2 .*last good"):
     train.train_and_evaluate(exploding(), workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
-  state = restore_params(workdir, 1)
+  state = restored_state(workdir, 1)
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
@@ -248,7 +248,7 @@ def test_nonfinite_steps_are_skipped_by_config_then_bounded(tmp_path):
   assert [rows[s]["skipped_steps"] for s in (1, 2, 3, 4)] == [0, 1, 2, 3]
   # Steps 2-4 were skipped: the parameters stayed exactly as step 1 made them (finite), and the
   # checkpoints of those steps hold them.
-  after_2, after_4 = restore_params(workdir, 2), restore_params(workdir, 4)
+  after_2, after_4 = restored_state(workdir, 2), restored_state(workdir, 4)
   for x, y in zip(jax.tree_util.tree_leaves(after_2.params),
                   jax.tree_util.tree_leaves(after_4.params)):
     np.testing.assert_array_equal(x, y)
@@ -308,8 +308,8 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   a, b = metrics_by_step(straight), metrics_by_step(soaked)
   assert [a[s]["loss"] for s in range(1, 61)] == [b[s]["loss"] for s in range(1, 61)]
-  for x, y in zip(jax.tree_util.tree_leaves(restore_params(straight, 60)),
-                  jax.tree_util.tree_leaves(restore_params(soaked, 60))):
+  for x, y in zip(jax.tree_util.tree_leaves(restored_state(straight, 60)),
+                  jax.tree_util.tree_leaves(restored_state(soaked, 60))):
     np.testing.assert_array_equal(x, y)
 
 

@@ -182,7 +182,7 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
   # A host (NumPy) batch handed to the jitted step, as a forgotten `global_batch` would.
   def unsharded_step(self, state, batch):
     return self._train_step(state, batch)  # pylint: disable=protected-access
-  monkeypatch.setattr(train.Trainer, "train_step", unsharded_step)
+  monkeypatch.setattr(train.Trainer, "step", unsharded_step)
   config = quickstart_config(total_steps=8, log_every_steps=1, warmup_steps=1, num_samples=0)
   with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
     train.train_and_evaluate(config, str(tmp_path))

@@ -68,22 +68,23 @@ class Evaluator:
   dataset, and the tasks run on it."""
 
   def __init__(self, config, workdir: str, *, params=None, step: int | None = None,
-               out_dir: str | None = None, live: run_lib.Run | None = None):
+               out_dir: str | None = None, run: run_lib.Run | None = None):
     """`params` and `step` given: evaluate those instead of restoring a checkpoint; results
-    then go to `out_dir`. `live`: the training run's `Run` (in-training evaluation), whose
-    mesh, model and palette are used as they are (no second mesh, no disk reads, no second
-    validation)."""
+    then go to `out_dir`. `run`: the evaluation data's `Run`, already built on the training
+    run's mesh, model and palette (in-training evaluation: `InTraining`); without it, one is
+    built here for the checkpoint in `workdir`."""
     self.workdir = workdir
     self.out_dir = out_dir or os.path.join(workdir, "eval")
-    if live is None:
+    data_config = config_lib.eval_data_config(config)
+    if run is None:
       if not os.path.exists(palette_lib.path_for(config, workdir)):
         raise errors.MissingError(
             f"{workdir} has no palette.npy: it holds no trained run. Train first "
             "(python -m igpt_jax.main) or fix --workdir.")
       checkpointing.check_compatible(workdir, config)
-    data_config = config_lib.eval_data_config(config)
+      run = run_lib.Run(data_config, workdir)
     self.config = data_config
-    self.run = run_lib.Run(data_config, workdir, share=live)
+    self.run = run
     _limit_train(self.run.source, config.eval.max_train_examples)
     if params is None:
       # Parameters only, straight into their shardings: no optimizer state is built.
@@ -287,23 +288,26 @@ def in_training_config(config, name: str):
 class InTraining:
   """The in-training evaluators of `config.evals`, handed to the train loop (`train.py` does not
   import the evaluation stack): `due(step)` says whether any runs at a step, `run(params,
-  step)` runs those due on the live parameters and returns their metrics. Each evaluator is
-  built at its first step on the training run's mesh, model and palette (`live`) and kept, so
-  its data source and compiled extraction are reused."""
+  step)` runs those due on the live parameters and returns their metrics. Each evaluator's
+  data is opened up front on the training run's mesh, model and palette (`live`); the
+  evaluator is built on it at its first step and kept, so its compiled extraction is reused."""
 
   def __init__(self, config, workdir: str, live: run_lib.Run):
     """Opens every evaluator's dataset now, before the first step: one that cannot be opened
     fails here, naming its config.evals field, instead of at its first evaluation."""
-    self.config, self.workdir, self.live = config, workdir, live
-    self.evaluators = {}  # name -> Evaluator
+    self.config, self.workdir = config, workdir
+    self.evaluators = {}  # name -> Evaluator, built at its first step
+    self._runs = {}  # name -> the Run of its data, opened here
     for name in sorted(config.get("evals", {}) or {}):
       data_config = config_lib.eval_data_config(in_training_config(config, name))
+      run = run_lib.Run(data_config, workdir, share=live)
       try:
-        run_lib.Run(data_config, workdir, share=live).source  # pylint: disable=expression-not-assigned
+        run.source  # pylint: disable=pointless-statement  # opened (and kept) now
       except errors.UserError as e:
         field = "dataset" if "dataset" in config.evals[name] else "dataset (config.eval.dataset)"
         raise type(e)(f"in-training evaluator config.evals.{name}: its {field} "
                       f"{data_config.dataset!r} cannot be opened: {e}") from e
+      self._runs[name] = run
 
   def due(self, step: int, last: bool = False) -> bool:
     """Whether any evaluator runs at `step` (all run on the last step)."""
@@ -327,7 +331,7 @@ class InTraining:
         else:
           c = in_training_config(self.config, name)
           ev = self.evaluators[name] = Evaluator(c, self.workdir, params=params, step=step,
-                                                 out_dir=out_dir, live=self.live)
+                                                 out_dir=out_dir, run=self._runs[name])
         for task in config_lib.eval_tasks(ev.config):
           metrics.update(metrics_of(name, task, getattr(ev, task)()))
       except Exception as e:  # pylint: disable=broad-except

@@ -21,7 +21,6 @@ from igpt_jax import errors
 from igpt_jax import planner
 
 
-
 def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: bool = True,
          gpu_mem_fraction: float = 0.75) -> dict:
   """The sampler's figures for `batch` images of `config` on `devices` (see the module doc)."""

@@ -70,8 +70,8 @@ def write(config, workdir: str, *, mode: str = "unconditional", num: int = 16,
     grid = completion_grid(trained, tokens)
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  stem = os.path.join(out_dir, f"{'unconditional' if mode == 'unconditional' else 'completions'}"
-                               f"_step{step}")
+  name = "unconditional" if mode == "unconditional" else "completions"
+  stem = os.path.join(out_dir, f"{name}_step{step}")
   image_grid.save_png(stem + ".png", grid)
   np.save(stem + ".npy", np.asarray(tokens, np.int32))
   return [stem + ".png", stem + ".npy"]

@@ -358,7 +358,7 @@ def _start_and_train_locked(config, workdir: str, stop_flag,
 
 
 def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
-                evaluators) -> tuple[TrainState, dict]:
+                in_training) -> tuple[TrainState, dict]:
   c, workdir = trainer.config, trainer.workdir
   seq_len = c.image_size**2
   state, latest, start_index = trainer.restore_latest(mgr)
@@ -391,7 +391,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
     is_last = step == c.total_steps
     preempted = stop_flag.should_stop(mgr, step, c.preemption_check_every_steps)
     checkpoint_now = step % c.checkpoint_every_steps == 0 or is_last or preempted
-    evals_now = evaluators is not None and evaluators.due(step, is_last)
+    evals_now = in_training is not None and in_training.due(step, is_last)
     if step % c.log_every_steps == 0 or checkpoint_now or evals_now:
       fetched = jax.device_get(pending)
       skipped += _check_finite(fetched, step - len(fetched) + 1, c, skipped)
@@ -410,7 +410,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       if evals_now:  # the in-training evaluators (config.evals) on the live parameters
         with jax.transfer_guard("allow"):  # probes fit on host features
-          last.update(evaluators.run(state.params, step, last=is_last))
+          last.update(in_training.run(state.params, step, last=is_last))
       writer.write(step, last)
       elapsed = now - t0
       eta = elapsed / (step - start) * (c.total_steps - step)

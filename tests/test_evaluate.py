@@ -526,13 +526,13 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   handed = []
 
   def evaluators(live):
-    handed.append(eval_tasks.InTraining(config, workdir, live))
-    return handed[-1]
+    handed.append((live, eval_tasks.InTraining(config, workdir, live)))
+    return handed[-1][1]
 
   train.train_and_evaluate(config, workdir, evaluators)
   monkeypatch.undo()
   assert built == [20]  # built at its first step, reused at step 40
-  live, ev = handed[0].live, handed[0].evaluators["digits"]
+  live, ev = handed[0][0], handed[0][1].evaluators["digits"]
   assert ev.run.mesh is live.mesh and ev.run.model is live.model  # the training run's own
   assert ev.run.centers is live.centers and ev.run.config.dataset == "digits"
   assert raw_splits == ["train", "validation", "test"]  # the baseline is fit once

@@ -186,6 +186,10 @@ def eval_config() -> ml_collections.ConfigDict:
   e.max_host_gib = 8.0
   # Linear probe.
   e.layers = "auto"  # 'auto', 'all' or e.g. '12,16,20' (0 = embeddings, L = final output).
+  # One more probe on several extracted layers' features side by side (the paper's best
+  # ImageNet probe): '' (none), 'all' (every extracted layer), e.g. '2,3,4', or 'best:K' (the K
+  # extracted layers centred on the best single layer, chosen on validation).
+  e.concat_layers = ""
   e.probe_solver = "lbfgs"  # 'lbfgs' (full batch; CIFAR/STL) or 'sgd' (ImageNet).
   e.probe_l2 = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # L2 strengths swept, chosen on validation.
   e.probe_max_iters = 1_000
@@ -495,6 +499,42 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
   return layers
 
 
+def parse_concat(spec: str, layers: list[int]) -> list[int] | int | None:
+  """config.eval.concat_layers against the extracted `layers` -> None (no concatenated probe),
+  the layers to concatenate, or K for 'best:K' (`centred` picks them once the best is known)."""
+  spec = str(spec).strip().lower().replace(" ", "")
+  if not spec:
+    return None
+  fix = (f"must be '' (none), 'all', 'best:K' with 2 <= K <= {len(layers)}, or at least two of "
+         f"the extracted layers {layers} (config.eval.layers), comma-separated.")
+  if spec == "all":
+    chosen = list(layers)
+  elif spec.startswith("best:"):
+    try:
+      k = int(spec[len("best:"):])
+    except ValueError:
+      k = 0
+    if not 2 <= k <= len(layers):
+      _fail("eval.concat_layers", spec, fix)
+    return k
+  else:
+    try:
+      chosen = sorted({int(s) for s in spec.split(",") if s})
+    except ValueError:
+      chosen = []
+    if any(l not in layers for l in chosen):
+      _fail("eval.concat_layers", spec, fix)
+  if len(chosen) < 2:
+    _fail("eval.concat_layers", spec, fix)
+  return chosen
+
+
+def centred(layers: list[int], best: int, k: int) -> list[int]:
+  """The k consecutive entries of `layers` centred on `best` (shifted inward at either end)."""
+  start = min(max(layers.index(best) - (k - 1) // 2, 0), len(layers) - k)
+  return layers[start:start + k]
+
+
 def _validate_eval(c) -> None:
   e = c.eval
   tasks = eval_tasks(c)
@@ -539,6 +579,7 @@ def _validate_eval(c) -> None:
   if e.max_train_examples == 0 or e.max_train_examples < -1:
     _fail("eval.max_train_examples", e.max_train_examples, "must be positive or -1 (all).")
   layers = parse_layers(e.layers, c.model.num_layers)
+  parse_concat(e.get("concat_layers", ""), layers)
   low = e.get("low_data_layer", -1)
   if "low_data" in tasks and isinstance(low, int) and low >= 0 and low not in layers:
     _fail("eval.low_data_layer", low, f"is not among the extracted layers {layers} "

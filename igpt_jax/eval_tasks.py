@@ -43,6 +43,10 @@ def plot_probe(path: str, result: dict) -> None:
   ax = fig.subplots()
   for key, label in (("val_acc", "validation"), ("test_acc", "test")):
     ax.plot(layers, [100 * result["layers"][str(l)][key] for l in layers], "o-", label=label)
+  if "concat" in result:
+    ax.axhline(100 * result["concat"]["test_acc"], ls="-.", c="C2",
+               label=f"layers {','.join(map(str, result['concat']['layers']))} "
+               "concatenated (test)")
   if result.get("raw_pixel_test_acc") is not None:
     ax.axhline(100 * result["raw_pixel_test_acc"], ls="--", c="gray",
                label="raw pixels (test)")
@@ -163,10 +167,23 @@ class Evaluator:
     result["best_layer"] = best
     result["val_acc"] = result["layers"][str(best)]["val_acc"]
     result["test_acc"] = result["layers"][str(best)]["test_acc"]
-    result["converged"] = all(v["converged"] for v in result["layers"].values())
+    concat = config_lib.parse_concat(c.eval.get("concat_layers", ""), self.layers)
+    if concat is not None:
+      chosen = concat if isinstance(concat, list) else config_lib.centred(self.layers, best,
+                                                                          concat)
+      js = [self.layers.index(l) for l in chosen]
+      t0 = time.time()
+      r = self._fit(tr.concat(js), va.concat(js), te.concat(js))
+      result["concat"] = dict(r.record(), layers=chosen, spec=str(c.eval.concat_layers))
+      log(f"  probe on layers {','.join(map(str, chosen))} concatenated "
+          f"({len(chosen) * self.run.model.cfg.width} features): val {r.val_acc:.4f} test "
+          f"{r.test_acc:.4f} (l2 {r.l2:g}, {r.fit.iterations} iterations"
+          f"{'' if r.fit.converged else ', NOT converged'}, {time.time() - t0:.1f}s)")
+    fits = list(result["layers"].values()) + ([result["concat"]] if "concat" in result else [])
+    result["converged"] = all(v["converged"] for v in fits)
     # What the layers' fits used (config.eval.probe_solver asks; features over the host budget
     # are fit by streamed SGD whatever it asks): one name, or "mixed".
-    used = sorted({v["solver"] for v in result["layers"].values()})
+    used = sorted({v["solver"] for v in fits})
     result["solver"] = used[0] if len(used) == 1 else "mixed"
     result["solver_requested"] = c.eval.probe_solver
     if c.eval.raw_pixel_baseline:
@@ -183,6 +200,8 @@ class Evaluator:
     if jax.process_index() == 0:
       plot_probe(os.path.join(self.out_dir, "linear_probe.png"), result)
     log(f"Linear probe: best layer {best}, test accuracy {result['test_acc']:.4f}"
+        + (f"; layers {','.join(map(str, result['concat']['layers']))} concatenated "
+           f"{result['concat']['test_acc']:.4f}" if "concat" in result else "")
         + (f" (raw pixels {result['raw_pixel_test_acc']:.4f})" if "raw_pixel_test_acc" in
            result else ""))
     return result
@@ -263,6 +282,9 @@ def metrics_of(name: str, task: str, result: dict) -> dict:
                 f"probe/{name}/best_layer": result["best_layer"]})
     if "raw_pixel_test_acc" in result:
       out[f"probe/{name}/raw_pixel_test_acc"] = result["raw_pixel_test_acc"]
+    if "concat" in result:
+      out.update({f"probe/{name}/concat/{k}": result["concat"][k]
+                  for k in ("test_acc", "val_acc")})
     return out
   if task == "bits_per_dim":
     return {f"bits_per_dim/{name}": result["bits_per_dim"]}
@@ -346,7 +368,7 @@ class InTraining:
       # first one to get there removes them all.
       shutil.rmtree(os.path.join(out_dir, "features"), ignore_errors=True)
       shown = {k: v for k, v in metrics.items()
-               if k.split("/")[1] == name and ("best_test" in k or "bits" in k)}
+               if k.split("/")[1] == name and ("best_test" in k or "concat/test" in k or "bits" in k)}
       log(f"  evaluator {name} at step {step}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" ({time.time() - t0:.0f}s)")
     return metrics

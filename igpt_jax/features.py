@@ -178,6 +178,28 @@ class FeatureSet:
     """(features of the j-th extracted layer [n, width] (a view, not read yet), labels)."""
     return self.features[:, j], np.asarray(self.labels)
 
+  def concat(self, js: list[int]) -> tuple["Concatenated", np.ndarray]:
+    """(the extracted layers `js` side by side [n, len(js) * width] (read on demand), labels)."""
+    return Concatenated(self.features, js), np.asarray(self.labels)
+
+
+class Concatenated:
+  """Several layers of features [n, layers, width] side by side, [n, len(js) * width], read
+  in the rows asked for (a slice or an index array), as the probe reads a memory map: the
+  concatenation is never built whole."""
+
+  def __init__(self, features: np.ndarray, js: list[int]):
+    self._features, self._js = features, np.asarray(js)
+    self.shape = (features.shape[0], len(js) * features.shape[2])
+    self.dtype = features.dtype
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, rows) -> np.ndarray:
+    x = np.asarray(self._features[rows])  # a row's layers are contiguous: read them together
+    return x[:, self._js].reshape(len(x), self.shape[1])
+
 
 def cache_dir(eval_dir: str, dataset: str, split: str, step: int, layers: list[int],
               image_size: int, holdout_fraction: float) -> str:

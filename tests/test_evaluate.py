@@ -302,6 +302,47 @@ def test_parse_layers():
       config_lib.parse_layers(bad, 4)
 
 
+def test_parse_concat_layers():
+  layers = [1, 2, 3, 4]
+  assert config_lib.parse_concat("", layers) is None
+  assert config_lib.parse_concat("all", layers) == layers
+  assert config_lib.parse_concat("4, 2", layers) == [2, 4]
+  assert config_lib.parse_concat("best:3", layers) == 3
+  # 'best:K': K consecutive extracted layers centred on the best one, shifted in at the ends.
+  assert config_lib.centred(layers, 2, 3) == [1, 2, 3]
+  assert config_lib.centred(layers, 1, 3) == [1, 2, 3]
+  assert config_lib.centred(layers, 4, 2) == [3, 4]
+  assert config_lib.centred([4, 8, 12, 16, 20], 12, 4) == [8, 12, 16, 20]
+  for bad in ("3", "2,5", "best:1", "best:5", "best:x", "two,three"):
+    with pytest.raises(ValueError, match="config.eval.concat_layers"):
+      config_lib.parse_concat(bad, layers)
+  config = quickstart(**{"eval.layers": "2,4", "eval.concat_layers": "1,2"})
+  with pytest.raises(ValueError, match=r"concat_layers='1,2'.*extracted layers \[2, 4\]"):
+    config_lib.validate(config, 1)
+
+
+def test_concatenated_layers_read_in_rows_equal_the_built_concatenation(tmp_path):
+  """The probe on several layers side by side reads them from the memory maps in the rows it
+  asks for; its fit equals the one on the concatenation built in memory."""
+  rng = np.random.default_rng(0)
+  views, built = [], []
+  for name, n in (("train", 400), ("val", 100), ("test", 100)):
+    feats = rng.normal(size=(n, 4, 8)).astype(np.float16)
+    labels = (feats[:, 1, 0] + feats[:, 3, 2] > 0).astype(np.int32)
+    np.save(tmp_path / f"{name}.npy", feats)
+    view = features_lib.Concatenated(np.load(tmp_path / f"{name}.npy", mmap_mode="r"), [1, 3])
+    views.append((view, labels))
+    built.append((np.concatenate([feats[:, 1], feats[:, 3]], axis=1), labels))
+  view, whole = views[0][0], built[0][0]
+  assert view.shape == whole.shape == (400, 16) and len(view) == 400
+  np.testing.assert_array_equal(view[10:20], whole[10:20])
+  np.testing.assert_array_equal(view[np.array([3, 7, 300])], whole[[3, 7, 300]])
+  fits = [probe.fit_and_select(*splits, num_classes=2, l2_grid=(1e-3, 1e-1))
+          for splits in (views, built)]
+  assert fits[0].test_acc == fits[1].test_acc > 0.9
+  np.testing.assert_allclose(fits[0].params["w"], fits[1].params["w"], rtol=1e-5, atol=1e-6)
+
+
 def test_features_are_pooled_normalised_inputs_of_the_next_block():
   """Row l of the features equals what a model truncated after block l produces when its
   final norm is the next block's ln_1: mean logits = feature @ wtet^T."""
@@ -338,7 +379,7 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
   workdir = trained_quickstart
   config = quickstart(workdir, **{"eval.tasks": "linear_probe,low_data,bits_per_dim",
                                   "eval.low_data_per_class": (5, 20, 400),
-                                  "eval.low_data_seeds": 2})
+                                  "eval.low_data_seeds": 2, "eval.concat_layers": "best:2"})
   results = eval_tasks.evaluate(config, workdir)
   with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
     lp = json.load(f)
@@ -356,11 +397,17 @@ def test_linear_probe_low_data_and_bits_end_to_end(trained_quickstart, capsys):
     else:
       assert row["iterations"] == 1000 and row["l2"] in row["unconverged_l2"]
     assert row["final_loss"] > 0
-  assert lp["converged"] == all(row["converged"] for row in lp["layers"].values())
   assert sum(row["converged"] for row in lp["layers"].values()) >= 2
   assert isinstance(lp["best_layer"], int)
   assert str(lp["best_layer"]) == max(lp["layers"], key=lambda k: lp["layers"][k]["val_acc"])
   assert lp["test_acc"] == lp["layers"][str(lp["best_layer"])]["test_acc"]
+  # The paper's concatenated-layer probe beside the single layers: two layers, one the best.
+  cat = lp["concat"]
+  assert cat["spec"] == "best:2" and lp["best_layer"] in cat["layers"] and len(cat["layers"]) == 2
+  assert cat["layers"] == config_lib.centred([1, 2, 3, 4], lp["best_layer"], 2)
+  assert 0.5 < cat["test_acc"] <= 1.0 and cat["l2"] in cat["l2_grid"]
+  assert lp["converged"] == (cat["converged"] and all(
+      row["converged"] for row in lp["layers"].values()))
   assert 0.8 < lp["raw_pixel_test_acc"] < 1.0  # logistic regression on 8x8 digits: ~89%
   assert lp["raw_pixel"]["converged"] and 0 < lp["raw_pixel"]["iterations"] < 1000
   assert os.path.getsize(os.path.join(workdir, "eval", "linear_probe.png")) > 5_000
@@ -506,8 +553,8 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   workdir = str(tmp_path)
   config = quickstart(total_steps=40, checkpoint_every_steps=40, log_every_steps=10,
                       eval_every_steps=40, warmup_steps=5)
-  probe_settings = dict(tasks="linear_probe", layers="2,4", raw_pixel_baseline=True,
-                        max_train_examples=600)
+  probe_settings = dict(tasks="linear_probe", layers="2,4", concat_layers="all",
+                        raw_pixel_baseline=True, max_train_examples=600)
   config.evals.digits = ml_collections.ConfigDict(dict(every_steps=20, **probe_settings))
   built, init = [], eval_tasks.Evaluator.__init__
   raw_splits, raw_pixels = [], features_lib.raw_pixels
@@ -550,6 +597,9 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   lp = eval_tasks.evaluate(offline, workdir)["linear_probe"]
   for layer in (2, 4):
     assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]
+  assert lp["concat"]["layers"] == [2, 4]
+  assert lp["concat"]["test_acc"] == rows[40]["probe/digits/concat/test_acc"]
+  assert 0.1 < rows[20]["probe/digits/concat/test_acc"] <= 1.0
   assert (rows[20]["probe/digits/raw_pixel_test_acc"] == rows[40]["probe/digits/raw_pixel_test_acc"]
           == lp["raw_pixel_test_acc"])
 

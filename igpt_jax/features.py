@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from igpt_jax import atomic
+from igpt_jax import heldout
 from igpt_jax import input_pipeline
 from igpt_jax import sharding
 
@@ -58,8 +59,8 @@ class Extractor:
     from `start_batch` on (padding removed), with a progress line every ~10 s."""
     total = self.num_batches(split)
     start = last = time.time()
-    for i, batch in enumerate(self.run.eval_batches(split, local_batch=self.local_batch,
-                                                    start_batch=start_batch), start_batch):
+    for i, batch in enumerate(heldout.batches(self.run, split, local_batch=self.local_batch,
+                                              start_batch=start_batch), start_batch):
       f, y, m = jax.device_get(self._step(params, batch))
       yield f[m].astype(np.float32), y[m].astype(np.int32)
       now = time.time()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from igpt_jax import heldout
 from igpt_jax import input_pipeline
 from igpt_jax import objectives
 from igpt_jax import optim
@@ -107,8 +108,8 @@ def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
 
   def accuracy(params, split, num_batches):
     right = total = 0
-    for batch in pretrained.eval_batches(split, local_batch=local_batch,
-                                         num_batches=num_batches):
+    for batch in heldout.batches(pretrained, split, local_batch=local_batch,
+                                 num_batches=num_batches):
       pred, label, mask = (np.asarray(a) for a in pred_fn(params, batch))
       right += int(np.sum((pred == label) & mask))
       total += int(np.sum(mask))
@@ -120,7 +121,7 @@ def run(pretrained, model_params, num_classes: int, *, log=print) -> dict:
     aug.train_crop_fraction = tuple(e.finetune_crop_fraction)
     aug.train_pad_crop, aug.train_flip = e.finetune_pad_crop, e.finetune_flip
   data = input_pipeline.train_iterator(
-      aug, pretrained.source, pretrained.centers, local_batch=local_batch, seed=c.seed + 17,
+      aug, pretrained.source, pretrained.palette, local_batch=local_batch, seed=c.seed + 17,
       process_index=jax.process_index(), process_count=jax.process_count())
   history, best = [], None
   t0 = time.time()

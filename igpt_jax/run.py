@@ -1,4 +1,5 @@
-"""What the tools share about one run: mesh, data, palette, model, shapes, checkpoints, batches.
+"""What the tools share about one run: its mesh, data source, model, palette, parameter layout and
+checkpoints (passes over its data: `heldout.py`; sampling: `sampling.py`).
 
 `Run(config, workdir)` validates the config and builds nothing else up front; every part is
 built on first use, so each tool pays only for what it uses: `sample` and `evaluate` restore
@@ -15,7 +16,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -24,9 +24,7 @@ from igpt_jax import config_lib
 from igpt_jax import errors
 from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
-from igpt_jax import objectives
 from igpt_jax import palette as palette_lib
-from igpt_jax import decoding
 from igpt_jax import sharding
 from igpt_jax import train_state
 
@@ -51,7 +49,7 @@ class Run:
     self._fit_palette = fit_palette
     self.local_batch = sharding.local_batch_size(config)
     if share is not None:  # fills the cached properties below
-      for part in ("mesh", "model", "apply_fn", "centers", "_params_layout"):
+      for part in ("mesh", "model", "apply_fn", "palette", "_params_layout"):
         self.__dict__[part] = getattr(share, part)
 
   @functools.cached_property
@@ -75,8 +73,9 @@ class Run:
     return model_lib.make_apply_fn(self.model)
 
   @functools.cached_property
-  def centers(self) -> np.ndarray:
-    """The palette: loaded from the run, or (for training only) fitted and saved there."""
+  def palette(self) -> np.ndarray:
+    """The palette's colors [palette_size, 3] (the k-means centers): loaded from the run, or
+    (for training only) fitted and saved there."""
     c = self.config
     path = palette_lib.path_for(c, self.workdir)
     if os.path.exists(path) or not self._fit_palette:
@@ -131,79 +130,3 @@ class Run:
       raise errors.MissingError(f"no checkpoint in {self.workdir}/checkpoints; train (python "
                                 "-m igpt_jax.main) or import (python -m igpt_jax.convert) one.")
     return params, found
-
-  def eval_batches(self, split: str, *, local_batch: int | None = None,
-                   num_batches: int = -1, start_batch: int = 0):
-    """Global, sharded, masked batches of `split` (every process runs the same number; padding
-    has mask False), yielded under the mesh: the one evaluation loop the tools share.
-    `start_batch` skips the first batches without reading them (a resumed extraction)."""
-    it = input_pipeline.eval_iterator(
-        self.config, self.source, self.centers, split,
-        local_batch=local_batch or self.local_batch, num_batches=num_batches,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        start_batch=start_batch)
-    with sharding.use(self.mesh, self.config):
-      for batch in it:
-        yield sharding.global_batch(batch, self.mesh)
-
-  @functools.cached_property
-  def _loss_sums(self):
-    """(params, batch, batch index) -> (summed nats and token count, index + 1). The
-    masked-pixel mask's key is folded from the index, so a batch always gets the same mask; the
-    index stays on the devices, so the loop copies nothing from the host."""
-    c, replicated = self.config, sharding.replicated(self.mesh)
-
-    def loss_sums(params, batch, index):
-      rng = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), index)
-      return objectives.masked_loss_sums(self.apply_fn, params, batch, rng,
-                                         objective=c.objective, mask_prob=c.mask_prob), index + 1
-
-    return jax.jit(loss_sums, in_shardings=(self.param_shardings,
-                                            sharding.batch_sharding(self.mesh), replicated),
-                   out_shardings=replicated)
-
-  def evaluate(self, params, split: str, num_batches: int = -1):
-    """Mean nats per token and bits/dim on `split` (num_batches=-1: all of it); None if the
-    split is empty (holdout_fraction=0 leaves no validation split)."""
-    if self.source.split_sizes[split] == 0:
-      return None
-    index = jax.jit(lambda: jnp.zeros((), jnp.int32),
-                    out_shardings=sharding.replicated(self.mesh))()
-    sums = []
-    for batch in self.eval_batches(split, num_batches=num_batches):
-      out, index = self._loss_sums(params, batch, index)
-      sums.append(out)
-    sums = jax.device_get(sums)  # one copy to the host, after the last batch
-    loss = sum(float(s["nats_sum"]) for s in sums) / sum(float(s["count"]) for s in sums)
-    return {"loss": loss, "bits_per_dim": float(objectives.bits_per_dim(loss))}
-
-  def sample(self, params, num: int, rng, prefix=None, prefix_len: int = 0,
-             cfg: decoding.SamplingConfig | None = None, per_step: int = 16) -> np.ndarray:
-    """Draws `num` images' tokens [num, seq_len]: the cached sampler for next-pixel models,
-    most-confident-first infilling for masked-pixel ones (`per_step` pixels committed a pass).
-    `prefix` [num, seq_len] with `prefix_len` > 0 gives completions of its first `prefix_len`
-    pixels."""
-    cfg = cfg or decoding.SamplingConfig(temperature=self.config.sample_temperature)
-    seq_len = self.model_cfg.seq_len
-    prefix = np.zeros((num, seq_len), np.int32) if prefix is None else np.asarray(prefix)
-    chunk = max(self.config.batch_size, 1)
-    if num > chunk:  # a batch's worth at a time: memory stays that of one batch
-      log(f"Sampling {num:,} images, {chunk} at a time ...")
-      return np.concatenate([
-          self.sample(params, len(prefix[i:i + chunk]), jax.random.fold_in(rng, i // chunk),
-                      prefix[i:i + chunk], prefix_len, cfg, per_step)
-          for i in range(0, num, chunk)])
-    with sharding.use(self.mesh, self.config):
-      if self.model_cfg.causal:
-        tokens = decoding.sample(self.model_cfg, params, rng, jnp.asarray(prefix),
-                                 prefix_len=prefix_len, cfg=cfg)
-      else:
-        keep = np.broadcast_to(np.arange(seq_len) < prefix_len, prefix.shape)
-        tokens = decoding.infill(self.apply_fn, params, rng, prefix, keep, per_step=per_step,
-                                 cfg=cfg)
-    return np.asarray(tokens)
-
-  def to_images(self, tokens) -> np.ndarray:
-    """Tokens [..., seq_len] -> uint8 RGB images [..., S, S, 3] through the palette."""
-    return np.asarray(palette_lib.dequantize(jnp.asarray(tokens), self.centers,
-                                             self.config.image_size))

@@ -22,12 +22,14 @@ from jax.experimental import multihost_utils
 from igpt_jax import checkpointing
 from igpt_jax import errors
 from igpt_jax import flops
+from igpt_jax import heldout
 from igpt_jax import image_grid
 from igpt_jax import input_pipeline
 from igpt_jax import metric_writer
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
 from igpt_jax import run as run_lib
+from igpt_jax import sampling
 from igpt_jax import sharding
 from igpt_jax import train_state as state_lib
 from igpt_jax.train_state import TrainState
@@ -110,7 +112,7 @@ class Trainer:
   def __init__(self, config, workdir: str):
     self.run = run_lib.Run(config, workdir, fit_palette=True)
     self.config, self.workdir = config, workdir
-    self.centers = self.run.centers  # fitted and saved when the run has no palette yet
+    self.palette = self.run.palette  # fitted and saved when the run has no palette yet
     self.warmup = state_lib.warmup_steps(config, self.run.source.split_sizes["train"])
     self.schedule = state_lib.lr_schedule(config, self.warmup)
     self.tx = state_lib.make_optimizer(config, self.schedule)
@@ -378,7 +380,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
   # Exact resume: the stream is read by index from the saved position, at a cost that does
   # not depend on how far training got.
   data = input_pipeline.train_iterator(
-      c, trainer.run.source, trainer.centers, local_batch=trainer.run.local_batch, seed=c.seed,
+      c, trainer.run.source, trainer.palette, local_batch=trainer.run.local_batch, seed=c.seed,
       start_index=start_index, process_index=jax.process_index(),
       process_count=jax.process_count())
 
@@ -405,7 +407,7 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
         _save(mgr, workdir, step, state, start_index + (step - start) * c.batch_size, saved_step)
         good_before, saved_step = saved_step, step
       if step % c.eval_every_steps == 0 or is_last:
-        val = trainer.run.evaluate(state.params, "validation", c.eval_batches)
+        val = heldout.loss(trainer.run, state.params, "validation", c.eval_batches)
         if val is not None:  # None: no validation split (said at start-up)
           last.update({"val_loss": val["loss"], "val_bits_per_dim": val["bits_per_dim"]})
       if evals_now:  # the in-training evaluators (config.evals) on the live parameters
@@ -431,8 +433,8 @@ def _train_loop(trainer: Trainer, mgr, writer, stop_flag,
   result = dict(last, step=int(step))
   if c.num_samples > 0:
     with jax.transfer_guard("allow"):  # a sampled grid, once, after training
-      samples = trainer.run.to_images(trainer.run.sample(state.params, c.num_samples,
-                                                         jax.random.PRNGKey(c.seed + 2)))
+      samples = sampling.to_images(trainer.run, sampling.draw(
+          trainer.run, state.params, c.num_samples, jax.random.PRNGKey(c.seed + 2)))
     if jax.process_index() == 0:
       path = os.path.join(workdir, "samples", f"samples_step{step}.png")
       image_grid.save_png(path, image_grid.grid(samples))

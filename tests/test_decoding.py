@@ -262,12 +262,14 @@ def test_many_images_are_sampled_a_batch_at_a_time(trained_quickstart):
   never an allocation for all of them), each batch from its own key."""
   from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
   from igpt_jax import run as run_lib  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sampling  # pylint: disable=g-import-not-at-top
   trained = run_lib.Run(quickstart_config(batch_size=4), trained_quickstart)
   params, _ = trained.latest_params()
   rng = jax.random.PRNGKey(0)
-  images = trained.sample(params, 10, rng)
+  images = sampling.draw(trained, params, 10, rng)
   assert images.shape == (10, 64) and images.max() < 16
-  np.testing.assert_array_equal(images[4:8], trained.sample(params, 4, jax.random.fold_in(rng, 1)))
+  np.testing.assert_array_equal(images[4:8],
+                                sampling.draw(trained, params, 4, jax.random.fold_in(rng, 1)))
 
 
 SHARDED_SAMPLING = r"""

@@ -122,6 +122,48 @@ def communication(cost, devices, chip) -> dict:
   return out
 
 
+def memory_budget(device, hbm_gib: float | None, gpu_mem_fraction: float,
+                  reserved_gib: float = 0.0) -> tuple:
+  """(chip or None, the plan's memory fields): `hbm_gib` (given, else the chip's, else 16) and
+  `usable_gib`, what a program may take. On GPUs, XLA's pool is jax's preallocated fraction of
+  HBM (the CUDA context and NCCL's buffers live outside it) less `reserved_gib` inside it
+  (the cuDNN workspace, not built without a GPU)."""
+  from igpt_jax import chips  # pylint: disable=g-import-not-at-top
+  chip = chips.for_device(device)
+  hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
+  fields = {"hbm_gib": hbm_gib, "usable_gib": hbm_gib}
+  if device.platform == "gpu":
+    fields.update(usable_gib=hbm_gib * gpu_mem_fraction - reserved_gib,
+                  gpu_mem_fraction=gpu_mem_fraction)
+  if chip is not None:
+    fields["chip"] = chip.name
+  return chip, fields
+
+
+def compiled_costs(compiled, devices, chip, model_flops: float,
+                   kernel_flops: float = 0.0) -> dict:
+  """What a compiled program costs per device (hlo_cost.py): its FLOPs (plus `kernel_flops`,
+  the model's count for custom-call kernels XLA does not see), HBM traffic, bytes per link
+  and, on a known chip, the roofline against `model_flops` (chips.roofline)."""
+  from igpt_jax import chips  # pylint: disable=g-import-not-at-top
+  from igpt_jax import hlo_cost  # pylint: disable=g-import-not-at-top
+  cost = hlo_cost.analyze(compiled.as_text(), len(devices))
+  program_flops = cost.flops + kernel_flops
+  out = {"model_tflop_per_device": model_flops / 1e12,
+         "compiler_tflop_per_device": program_flops / 1e12,
+         "flop_ratio": program_flops / model_flops if model_flops else 0.0,
+         "hbm_gb_per_device": cost.hbm_bytes / 1e9,
+         "custom_calls": sorted(t for t in cost.custom_calls if t not in hlo_cost.NO_FLOP_CALLS),
+         "loops_counted_once": sum(1 for l in cost.loops if l[2] == "unknown")}
+  out.update(communication(cost, devices, chip))
+  if devices[0].platform == "gpu":
+    out["sm"] = gpu_code_targets(compiled)
+  if chip is not None:
+    out.update(chips.roofline(model_flops, program_flops, cost.hbm_bytes,
+                              out.get("comm_bound_s", 0.0), chip))
+  return out
+
+
 def gpu_code_targets(compiled) -> str | None:
   """The GPU architectures the executable holds code for ("sm_90a"), read from its serialized
   form (the PTX kernels XLA:GPU produced), or None where it cannot be serialized."""
@@ -147,7 +189,6 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   from igpt_jax import chips  # pylint: disable=g-import-not-at-top
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import flops  # pylint: disable=g-import-not-at-top
-  from igpt_jax import hlo_cost  # pylint: disable=g-import-not-at-top
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import objectives  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -157,8 +198,6 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   devices = list(jax.devices() if devices is None else devices)
   kind = devices[0].device_kind
   platform = devices[0].platform
-  chip = chips.for_device(devices[0])
-  hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
   config_lib.validate(config, len(devices), platform=platform)
   mesh = sharding.make_mesh(config, devices)
   seq_len = config.image_size**2
@@ -174,12 +213,9 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   opt_b = per_device_bytes(abstract.opt_state, shardings.opt_state)
   attention = model_lib.attention_lib.resolve(model.cfg.attention, model.cfg.compute_dtype,
                                               platform, kind)
-  # GPUs: XLA's pool is jax's preallocated fraction of HBM; the CUDA context and NCCL's
-  # buffers live outside it, and the cuDNN workspace (not built without a GPU) inside.
-  usable_gib = hbm_gib
-  if platform == "gpu":
-    usable_gib = hbm_gib * gpu_mem_fraction - (chips.CUDNN_WORKSPACE_GIB if attention == "cudnn"
-                                               else 0.0)
+  chip, budget = memory_budget(devices[0], hbm_gib, gpu_mem_fraction, reserved_gib=(
+      chips.CUDNN_WORKSPACE_GIB if platform == "gpu" and attention == "cudnn" else 0.0))
+  usable_gib = budget["usable_gib"]
 
   n_layers = config.model.num_layers
   model_flops = (flops.train_flops_per_token_of(model.cfg) * config.batch_size * seq_len
@@ -199,14 +235,9 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
       "optimizer_gib_per_device": opt_b / GIB,
       # A resume restores the checkpoint straight into the sharded state: one train state.
       "restore_peak_gib_per_device": (params_b + opt_b) / GIB,
-      "hbm_gib": hbm_gib,
-      "usable_gib": usable_gib,
+      **budget,
       "model_tflop_per_device": model_flops / 1e12,
   }
-  if platform == "gpu":
-    out["gpu_mem_fraction"] = gpu_mem_fraction
-  if chip is not None:
-    out["chip"] = chip.name
 
   if params_b + opt_b > usable_gib * GIB:  # no compile can make this fit
     out.update({"fits": False, "compile_s": 0.0, "compiler_says": (
@@ -257,27 +288,16 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
       out["eval_compile_s"] = time.time() - t0
 
   if costs:
-    cost = hlo_cost.analyze(compiled.as_text(), len(devices))
-    step_flops = cost.flops
-    opaque = sorted(t for t in cost.custom_calls if t not in hlo_cost.NO_FLOP_CALLS)
+    kernel_flops = 0.0
     if attention in ("splash", "cudnn", "pallas_gpu"):
       # A kernel is a custom call whose FLOPs XLA does not see: add the model's count of
       # them (a causal kernel skips the blocks above the diagonal, as that count assumes).
       m = model.cfg
-      step_flops += (flops.attention_train_flops_per_token(n_layers, m.width, m.seq_len,
-                                                           m.causal)
-                     * config.batch_size * seq_len / len(devices))
-    out.update({"compiler_tflop_per_device": step_flops / 1e12,
-                "flop_ratio": step_flops / model_flops if model_flops else 0.0,
-                "hbm_gb_per_device": cost.hbm_bytes / 1e9,
-                "custom_calls": opaque,
-                "loops_counted_once": sum(1 for l in cost.loops if l[2] == "unknown")})
-    out.update(communication(cost, list(mesh.devices.flat), chip))
-    if platform == "gpu":
-      out["sm"] = gpu_code_targets(compiled)
-    if chip is not None:
-      out.update(chips.roofline(model_flops, step_flops, cost.hbm_bytes,
-                                out.get("comm_bound_s", 0.0), chip))
+      kernel_flops = (flops.attention_train_flops_per_token(n_layers, m.width, m.seq_len,
+                                                            m.causal)
+                      * config.batch_size * seq_len / len(devices))
+    out.update(compiled_costs(compiled, list(mesh.devices.flat), chip, model_flops,
+                              kernel_flops))
   return out
 
 

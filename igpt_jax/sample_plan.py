@@ -30,20 +30,17 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from igpt_jax import chips  # pylint: disable=g-import-not-at-top
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import decoding  # pylint: disable=g-import-not-at-top
   from igpt_jax import flops  # pylint: disable=g-import-not-at-top
-  from igpt_jax import hlo_cost  # pylint: disable=g-import-not-at-top
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
 
   devices = list(jax.devices() if devices is None else devices)
   platform = devices[0].platform
-  chip = chips.for_device(devices[0])
-  hbm_gib = hbm_gib or (chip.hbm_gib if chip else 16.0)
-  usable_gib = hbm_gib * gpu_mem_fraction if platform == "gpu" else hbm_gib
+  chip, budget = planner.memory_budget(devices[0], hbm_gib, gpu_mem_fraction)
+  usable_gib = budget["usable_gib"]
   config_lib.validate(config, len(devices), platform=platform)
   if config.objective != "next_pixel":
     raise errors.FlagError(
@@ -79,13 +76,8 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
       "dtype": config.model.dtype,
       "params_gib_per_device": params_b / planner.GIB,
       "kv_cache_gib_per_device": cache_b / planner.GIB,
-      "hbm_gib": hbm_gib,
-      "usable_gib": usable_gib,
+      **budget,
   }
-  if platform == "gpu":
-    out["gpu_mem_fraction"] = gpu_mem_fraction
-  if chip is not None:
-    out["chip"] = chip.name
 
   batch_sharding = sharding.batch_sharding(mesh)
   prefix = jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=batch_sharding)
@@ -111,20 +103,13 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
               "hbm_headroom": 1.0 - total / (usable_gib * planner.GIB),
               "fits": total <= usable_gib * planner.GIB})
   if costs:
-    cost = hlo_cost.analyze(compiled.as_text(), len(devices))
     model_flops = flops.sample_flops_per_token_of(model_cfg) * batch * n / len(devices)
-    out.update({"model_tflop_per_device": model_flops / 1e12,
-                "compiler_tflop_per_device": cost.flops / 1e12,
-                "hbm_gb_per_device": cost.hbm_bytes / 1e9,
-                "loops_counted_once": sum(1 for l in cost.loops if l[2] == "unknown")})
-    out.update(planner.communication(cost, list(mesh.devices.flat), chip))
+    out.update(planner.compiled_costs(compiled, list(mesh.devices.flat), chip, model_flops))
     if chip is not None:
-      roof = chips.roofline(model_flops, cost.flops, cost.hbm_bytes,
-                            out.get("comm_bound_s", 0.0), chip)
-      seconds = roof["roofline_step_s"]
-      out.update({"roofline_batch_s": seconds, "bound_by": roof["bound_by"],
-                  "compute_bound_s": roof["compute_bound_s"],
-                  "memory_bound_s": roof["memory_bound_s"],
+      # The roofline's "step" is the whole batch here; a decoding step is one pixel of each.
+      seconds = out.pop("roofline_step_s")
+      out.pop("serial_step_s")
+      out.update({"roofline_batch_s": seconds,
                   "roofline_step_ms": 1e3 * seconds / n,
                   "pixels_per_s_bound": batch * n / seconds if seconds else float("inf"),
                   "images_per_s_bound": batch / seconds if seconds else float("inf")})

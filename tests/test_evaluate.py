@@ -19,6 +19,7 @@ from conftest import quickstart_config as quickstart
 from conftest import run_on_fake_devices
 from igpt_jax import config_lib
 from igpt_jax import eval_tasks
+from igpt_jax import evaluators
 from igpt_jax import features as features_lib
 from igpt_jax import input_pipeline
 from igpt_jax import model as model_lib
@@ -224,11 +225,11 @@ KILL_SCRIPT = r"""
 import sys
 sys.path.insert(0, "tests")
 from conftest import quickstart_config
-from igpt_jax import eval_tasks, features
+from igpt_jax import evaluators, features
 features.FLUSH_BATCHES = 8
 config = quickstart_config(sys.argv[1], **{"eval.batch_size": 8, "eval.layers": "2,4"})
-ev = eval_tasks.Evaluator(config, sys.argv[1])
-fs = ev.features("train")
+data = evaluators.EvalData(config, sys.argv[1])
+fs = data.features("train")
 print("ROWS", len(fs.labels))
 """
 
@@ -530,14 +531,14 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
   gc.collect()
   baseline = sum(x.nbytes for x in jax.live_arrays())
   param_bytes = 4 * 800_000  # the quickstart model: 0.8M float32 parameters
-  ev = eval_tasks.Evaluator(config, trained_quickstart)
-  assert model_lib.count_params(ev.params) == 800_000 and ev.step == 120
+  data = evaluators.EvalData(config, trained_quickstart)
+  assert model_lib.count_params(data.params) == 800_000 and data.step == 120
   grown = sum(x.nbytes for x in jax.live_arrays()) - baseline
   assert param_bytes <= grown < 1.2 * param_bytes  # parameters, not 3x (Adam's mu and nu)
   params, step = run_lib.Run(config, trained_quickstart).latest_params()  # `sample`'s restore
   assert step == 120
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(params),
-                                                  jax.tree_util.tree_leaves(ev.params)))
+                                                  jax.tree_util.tree_leaves(data.params)))
   params, step, _ = weights._params_and_model(trained_quickstart, config)  # export's restore
   assert step == 120 and model_lib.count_params(params) == 800_000
 
@@ -545,7 +546,7 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
 def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypatch):
   """config.evals: a linear probe every 20 steps inside `train_and_evaluate`, logged to
   metrics.jsonl; at the last step it gives the same numbers as `python -m igpt_jax.evaluate`
-  on the final checkpoint with the same settings (one code path). One Evaluator (data source,
+  on the final checkpoint with the same settings (one code path). One EvalData (data source,
   compiled extraction) serves both steps, on each step's parameters."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
@@ -556,7 +557,7 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   probe_settings = dict(tasks="linear_probe", layers="2,4", concat_layers="all",
                         raw_pixel_baseline=True, max_train_examples=600)
   config.evals.digits = ml_collections.ConfigDict(dict(every_steps=20, **probe_settings))
-  built, init = [], eval_tasks.Evaluator.__init__
+  built, init = [], evaluators.EvalData.__init__
   raw_splits, raw_pixels = [], features_lib.raw_pixels
 
   def counting_init(self, *args, **kwargs):
@@ -567,21 +568,23 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
     raw_splits.append(split)
     return raw_pixels(config, source, split)
 
-  monkeypatch.setattr(eval_tasks.Evaluator, "__init__", counting_init)
+  monkeypatch.setattr(evaluators.EvalData, "__init__", counting_init)
   monkeypatch.setattr(features_lib, "raw_pixels", counting_raw_pixels)
   monkeypatch.setattr(palette_lib, "load_for_run", None)  # the live palette, never re-read
   handed = []
 
-  def evaluators(live):
+  def in_training(live):
     handed.append((live, eval_tasks.InTraining(config, workdir, live)))
     return handed[-1][1]
 
-  train.train_and_evaluate(config, workdir, evaluators)
+  train.train_and_evaluate(config, workdir, in_training)
   monkeypatch.undo()
   assert built == [20]  # built at its first step, reused at step 40
-  live, ev = handed[0][0], handed[0][1].evaluators["digits"]
-  assert ev.run.mesh is live.mesh and ev.run.model is live.model  # the training run's own
-  assert ev.run.centers is live.centers and ev.run.config.dataset == "digits"
+  live, (probe_task,) = handed[0][0], handed[0][1].tasks["digits"]
+  assert isinstance(probe_task, evaluators.LinearProbe)
+  run = probe_task.data.run
+  assert run.mesh is live.mesh and run.model is live.model  # the training run's own
+  assert run.palette is live.palette and run.config.dataset == "digits"
   assert raw_splits == ["train", "validation", "test"]  # the baseline is fit once
   rows = metrics_by_step(workdir)
   for step in (20, 40):
@@ -628,10 +631,10 @@ def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_pat
       os.path.join(workdir, "checkpoints"))
   config.evals.broken.dataset = ""  # the training data: opens; now it fails at run time
 
-  def fails(self):
+  def fails(self, params, step, out_dir):
     raise RuntimeError("the evaluation broke")
 
-  monkeypatch.setattr(eval_tasks.Evaluator, "bits_per_dim", fails)
+  monkeypatch.setattr(evaluators.BitsPerDim, "run", fails)
   train.train_and_evaluate(config, workdir, evaluators)
   out = capsys.readouterr().out
   assert ("evaluator broken failed at step 3 and was skipped (RuntimeError: the evaluation "

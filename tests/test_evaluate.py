@@ -621,12 +621,12 @@ def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_pat
                       eval_every_steps=6, warmup_steps=2)
   config.evals.broken = ml_collections.ConfigDict(dict(
       every_steps=3, tasks="bits_per_dim", dataset=str(tmp_path / "no_such_folder")))
-  evaluators = functools.partial(eval_tasks.InTraining, config, workdir)
+  in_training = functools.partial(eval_tasks.InTraining, config, workdir)
   with pytest.raises(ValueError, match="no evaluators were handed"):
     train.train_and_evaluate(config, workdir)
   with pytest.raises(errors.UserError, match="in-training evaluator config.evals.broken: its "
                                              "dataset .*no_such_folder.* cannot be opened"):
-    train.train_and_evaluate(config, workdir, evaluators)
+    train.train_and_evaluate(config, workdir, in_training)
   assert not os.path.exists(os.path.join(workdir, "checkpoints")) or not os.listdir(
       os.path.join(workdir, "checkpoints"))
   config.evals.broken.dataset = ""  # the training data: opens; now it fails at run time
@@ -635,7 +635,7 @@ def test_a_failing_in_training_evaluator_is_skipped_after_the_checkpoint(tmp_pat
     raise RuntimeError("the evaluation broke")
 
   monkeypatch.setattr(evaluators.BitsPerDim, "run", fails)
-  train.train_and_evaluate(config, workdir, evaluators)
+  train.train_and_evaluate(config, workdir, in_training)
   out = capsys.readouterr().out
   assert ("evaluator broken failed at step 3 and was skipped (RuntimeError: the evaluation "
           "broke)") in out

@@ -1,6 +1,8 @@
 """Files written whole or not at all: to a temporary name, then renamed over the target, so a
 process killed mid-write (preemption) leaves the previous version, never half a file."""
 
+import contextlib
+import fcntl
 import json
 import os
 
@@ -28,3 +30,22 @@ def make_writable_dir(path: str) -> None:
   with open(probe, "w"):
     pass
   os.remove(probe)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, waiting: str = ""):
+  """Holds an exclusive lock on file `lock_path` (created if missing) for the `with` block, so
+  that one process at a time does what it guards (e.g. convert an image folder); another waits,
+  printing `waiting` once. Released when the block ends or the process dies."""
+  os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+  with open(lock_path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if waiting:
+        print(waiting, flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

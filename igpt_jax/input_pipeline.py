@@ -234,12 +234,25 @@ def _tfds_builder(name: str, data_dir):
         "version out.") from e
 
 
+def _convert_folder(builder, name: str) -> None:
+  print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
+        "(once per folder content) ...", flush=True)
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except  # tfds wraps the generator's errors
+    bad = _find_cause(e, image_folder.ImageFileError)
+    raise DatasetError(f"could not convert image folder {name}: "
+                       f"{bad or f'{type(e).__name__}: {e}'}") from e
+
+
 def _open_builder(config):
   name = config.dataset
   if _is_folder(name):
     data_dir = _data_dir(config) or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    builder = _array_record_builder(functools.partial(
-        image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
+    def open_folder():
+      return _array_record_builder(functools.partial(
+          image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
+    builder = open_folder()
     if not builder.is_prepared():
       try:  # the configured root only: tfds moves the finished copy into place itself
         atomic.make_writable_dir(data_dir)
@@ -247,14 +260,12 @@ def _open_builder(config):
         raise DatasetError(
             f"cannot write the converted copy of image folder {name} under {data_dir} "
             f"({e.strerror}): set config.data_dir to a folder you can write to.") from e
-      print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
-            "(once per folder content) ...", flush=True)
-      try:
-        builder.download_and_prepare()
-      except Exception as e:  # pylint: disable=broad-except  # tfds wraps the generator's errors
-        bad = _find_cause(e, image_folder.ImageFileError)
-        raise DatasetError(f"could not convert image folder {name}: "
-                           f"{bad or f'{type(e).__name__}: {e}'}") from e
+      # One converter per folder content (several jobs or test workers may start at once).
+      with atomic.exclusive(str(builder.data_dir).rstrip("/") + ".lock",
+                            waiting=f"Waiting for another process converting {name} ..."):
+        builder = open_folder()
+        if not builder.is_prepared():
+          _convert_folder(builder, name)
     _check_random_access(builder, name)
     return builder
   builder = _tfds_builder(name, _data_dir(config))

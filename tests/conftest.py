@@ -38,6 +38,26 @@ if "JAX_PLATFORMS" not in os.environ and _libtpu_without_a_tpu():
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
+# One XLA compilation cache for the test session, shared by its workers and every process they
+# start: the ~60 tool runs and small trainings compile the same few programs. Compiled programs
+# are keyed by their HLO, options and the jax version, so a hit runs what a compile would build.
+# A fresh folder per session (the controller's, inherited by the workers): a run's timings do not
+# depend on an earlier run's leftovers. Set JAX_COMPILATION_CACHE_DIR to choose it yourself.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _OWN_XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="igpt_jax_xla_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  if _OWN_XLA_CACHE and not hasattr(config, "workerinput"):  # the controller, at the very end
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
+
+
 def requires_tpu_compiler():
   """Skips a test that needs libtpu's compiler when it is not installed; with
   $IGPT_REQUIRE_TPU_COMPILER=1 (set by .ci/run) it fails instead."""
@@ -78,8 +98,9 @@ def cifar10_dir() -> str:
     if os.environ.get("IGPT_REQUIRE_DATA") == "1":
       pytest.fail(msg)
     pytest.skip(msg)
-  from igpt_jax import image_folder  # pylint: disable=g-import-not-at-top
-  return image_folder.extract_archive(archive, cache_dir())
+  from igpt_jax import atomic, image_folder  # pylint: disable=g-import-not-at-top
+  with atomic.exclusive(os.path.join(cache_dir(), "cifar10.lock")):  # one test worker extracts
+    return image_folder.extract_archive(archive, cache_dir())
 
 
 @pytest.fixture(scope="session")
@@ -178,10 +199,32 @@ def quickstart_config(workdir=None, **overrides):
   return c
 
 
+def shared_across_workers(tmp_path_factory, name: str, make) -> str:
+  """A folder that `make(path)` fills once per test session: with pytest-xdist the first worker
+  to ask makes it (the others wait on a lock), and each worker gets its own copy, so that tests
+  which write into it do not meet another worker's writes."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from igpt_jax import atomic  # pylint: disable=g-import-not-at-top
+  own = tmp_path_factory.mktemp(name)
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    make(str(own))
+    return str(own)
+  session = tmp_path_factory.getbasetemp().parent  # pytest-N/, shared by this run's workers
+  made, done = session / f"shared-{name}", session / f"shared-{name}.done"
+  with atomic.exclusive(str(session / f"shared-{name}.lock")):
+    if not done.exists():
+      shutil.rmtree(made, ignore_errors=True)
+      made.mkdir()
+      make(str(made))
+      done.touch()
+  shutil.copytree(made, own, dirs_exist_ok=True)
+  return str(own)
+
+
 @pytest.fixture(scope="session")
 def trained_quickstart(tmp_path_factory) -> str:
   """A workdir with the quickstart model trained for 120 steps (about a minute on 2 cores)."""
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("quickstart"))
-  train.train_and_evaluate(quickstart_config(), workdir)
-  return workdir
+  return shared_across_workers(
+      tmp_path_factory, "quickstart",
+      lambda workdir: train.train_and_evaluate(quickstart_config(), workdir))

@@ -239,6 +239,38 @@ def test_grayscale_and_odd_sized_images(tmp_path):
   assert all(np.array_equal(im[..., 0], im[..., 2]) for im in images)  # gray stays gray
 
 
+def test_a_folder_is_converted_once_while_another_converter_holds_its_lock(tmp_path, capsys):
+  """Two jobs opening one unconverted folder at once (a training and its evaluation, or test
+  workers): the second waits on the conversion's file lock and then reads the copy the first
+  made, instead of converting into the same place."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from igpt_jax import atomic  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for label in ("a", "b"):
+      for i in range(2):
+        write_png(str(tmp_path / "imgs" / split / label / f"{i}.png"),
+                  rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
+  config = tiny_config(dataset=str(tmp_path / "imgs"), data_dir=str(tmp_path / "tfds"),
+                       image_size=8, holdout_fraction=0.0)
+  import functools  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline._array_record_builder(  # pylint: disable=protected-access
+      functools.partial(image_folder.LocalImageFolder, str(tmp_path / "imgs"),
+                        data_dir=str(tmp_path / "tfds")), config.dataset)
+  opened = []
+  with atomic.exclusive(str(builder.data_dir).rstrip("/") + ".lock"):  # "the first job"
+    waiter = threading.Thread(target=lambda: opened.append(input_pipeline.open_source(config)))
+    waiter.start()
+    waiter.join(timeout=5)
+    assert waiter.is_alive() and not opened  # it waits for the lock ...
+    builder.download_and_prepare()  # ... while the first job converts
+  waiter.join(timeout=60)
+  out = capsys.readouterr().out
+  assert "Waiting for another process converting" in out
+  assert "Converting image folder" not in out  # it read the first job's copy
+  assert opened[0].split_sizes["train"] == 4 and opened[0].num_classes == 2
+
+
 def test_missing_folder_fails_with_the_path():
   with pytest.raises(FileNotFoundError, match="/no/such/folder does not exist"):
     input_pipeline.open_source(tiny_config(dataset="/no/such/folder"))

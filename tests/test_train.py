@@ -101,7 +101,12 @@ def test_cli_quickstart_runs_on_builtin_digits(tmp_path):
   for key in ("loss", "bits_per_dim", "tokens_per_sec", "val_bits_per_dim"):
     assert key in rows[-1]
   assert os.path.exists(os.path.join(workdir, "samples", "samples_step30.png"))
-  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  # TensorBoard reads the same scalars as metrics.jsonl (written without TensorFlow).
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+      (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["total_steps"] == 30
 

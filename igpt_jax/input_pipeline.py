@@ -234,6 +234,17 @@ def _tfds_builder(name: str, data_dir):
         "version out.") from e
 
 
+def _folder_builder(name: str, data_dir: str):
+  """The tfds builder (ArrayRecord) of image folder `name`, its copy kept under `data_dir`."""
+  return _array_record_builder(functools.partial(
+      image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
+
+
+def _conversion_lock(builder) -> str:
+  """The file whose lock one converter of the builder's folder content holds."""
+  return str(builder.data_dir).rstrip("/") + ".lock"
+
+
 def _convert_folder(builder, name: str) -> None:
   print(f"Converting image folder {name} into a tfds dataset at {builder.data_dir} "
         "(once per folder content) ...", flush=True)
@@ -249,10 +260,7 @@ def _open_builder(config):
   name = config.dataset
   if _is_folder(name):
     data_dir = _data_dir(config) or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    def open_folder():
-      return _array_record_builder(functools.partial(
-          image_folder.LocalImageFolder, os.path.expanduser(name), data_dir=data_dir), name)
-    builder = open_folder()
+    builder = _folder_builder(name, data_dir)
     if not builder.is_prepared():
       try:  # the configured root only: tfds moves the finished copy into place itself
         atomic.make_writable_dir(data_dir)
@@ -261,9 +269,9 @@ def _open_builder(config):
             f"cannot write the converted copy of image folder {name} under {data_dir} "
             f"({e.strerror}): set config.data_dir to a folder you can write to.") from e
       # One converter per folder content (several jobs or test workers may start at once).
-      with atomic.exclusive(str(builder.data_dir).rstrip("/") + ".lock",
+      with atomic.exclusive(_conversion_lock(builder),
                             waiting=f"Waiting for another process converting {name} ..."):
-        builder = open_folder()
+        builder = _folder_builder(name, data_dir)  # another process may have converted it
         if not builder.is_prepared():
           _convert_folder(builder, name)
     _check_random_access(builder, name)

@@ -253,12 +253,10 @@ def test_a_folder_is_converted_once_while_another_converter_holds_its_lock(tmp_p
                   rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
   config = tiny_config(dataset=str(tmp_path / "imgs"), data_dir=str(tmp_path / "tfds"),
                        image_size=8, holdout_fraction=0.0)
-  import functools  # pylint: disable=g-import-not-at-top
-  builder = input_pipeline._array_record_builder(  # pylint: disable=protected-access
-      functools.partial(image_folder.LocalImageFolder, str(tmp_path / "imgs"),
-                        data_dir=str(tmp_path / "tfds")), config.dataset)
+  # pylint: disable=protected-access
+  builder = input_pipeline._folder_builder(config.dataset, config.data_dir)
   opened = []
-  with atomic.exclusive(str(builder.data_dir).rstrip("/") + ".lock"):  # "the first job"
+  with atomic.exclusive(input_pipeline._conversion_lock(builder)):  # "the first job"
     waiter = threading.Thread(target=lambda: opened.append(input_pipeline.open_source(config)))
     waiter.start()
     waiter.join(timeout=5)

@@ -93,8 +93,7 @@ def step_costs(cfg, params, batch, repeats):
         decoding.draw_block, cfg, kv_cache.for_decoding(params, cfg), jax.random.PRNGKey(0),
         lo=lo, hi=hi, prefix_len=0,
         cfg=decoding.SamplingConfig()))
-    carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch, lo),
-             kv_cache.empty(cfg, batch, 1))
+    carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch, lo))
     jax.block_until_ready(run_block(carry))
     costs[p] = median_time(lambda: jax.block_until_ready(run_block(carry)), repeats) / (hi - lo)
   return costs

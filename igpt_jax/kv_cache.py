@@ -2,8 +2,8 @@
 
 `decode(params, cfg, cache, prev, start)` runs the model on `T` consecutive positions
 `start .. start+T-1` (T = 1 when sampling, a whole block when filling the cache from a given
-prefix) and returns their logits and their keys and values, which `write` puts in the cache.
-The same parameters as the training model (`igpt_jax.model.IGPT`) and the same math
+prefix): it writes their keys and values into the cache and returns their logits and the
+cache. The same parameters as the training model (`igpt_jax.model.IGPT`) and the same math
 (`model.rms_norm`, `model.mlp`, `model.logits_of`), so the logits equal a full forward pass to
 float rounding (tests/test_decoding.py).
 
@@ -13,10 +13,10 @@ What makes it fast (a step reads the cache once, and only as much of it as is fi
     positions). Attention reads whole arrays: slicing a layer out of a stacked cache, or
     the filled rows out of a longer one, makes XLA copy them first, and on a CPU that copy
     cost twice the reads themselves (bench/README.md);
-  * the arrays are loop carries written in place once per step. A step writes the previous
-    position's rows first and then reads (it attends to the cache rows before it and to
-    itself), so the compiler never copies the cache to keep an old version alive (a write
-    placed after the reads, which nothing orders, made it copy every array every step);
+  * the arrays are loop carries written in place once per step. Each layer writes the step's
+    rows first and then attends over the array (its rows up to the step's own), so the
+    compiler never copies the cache to keep an old version alive (a write placed after the
+    reads, which nothing orders, made it copy every array every step);
   * the layers are a Python loop inside the step, so nothing restacks the cache.
 
 Shapes carry logical names (`act_batch`, `act_heads`), so under `sharding.use` the cache and
@@ -76,19 +76,17 @@ def embed(params, cfg: model_lib.ModelConfig, prev, start):
   return h.astype(cfg.compute_dtype)
 
 
-def _attend(q, k, v, old_k, old_v, start):
-  """Attention of T new positions (q, k, v: [batch, heads, T, head_dim]) over the cache rows
-  before `start` (old_k, old_v: [batch, heads, length, head_dim]) and, causally, each other."""
-  t, length_ = q.shape[2], old_k.shape[2]
+def _attend(q, cache_k, cache_v, start):
+  """Attention of T positions start..start+T-1 (q: [batch, heads, T, head_dim]) over the cache
+  (cache_k, cache_v: [batch, heads, length, head_dim], their own rows already written): each
+  position sees the rows up to and including its own."""
+  t, length_ = q.shape[2], cache_k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1])
-  masked = jnp.finfo(jnp.float32).min
-  old = jnp.einsum("bhtk,bhsk->bhts", q, old_k, preferred_element_type=jnp.float32)
-  old = jnp.where(jnp.arange(length_) < start, old * scale, masked)
-  new = jnp.einsum("bhtk,bhsk->bhts", q, k, preferred_element_type=jnp.float32)
-  new = jnp.where(jnp.tril(jnp.ones((t, t), bool)), new * scale, masked)
-  probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-  return (jnp.einsum("bhts,bhsk->bhtk", probs[..., :length_], old_v)
-          + jnp.einsum("bhts,bhsk->bhtk", probs[..., length_:], v))
+  scores = jnp.einsum("bhtk,bhsk->bhts", q, cache_k, preferred_element_type=jnp.float32)
+  visible = jnp.arange(length_)[None, :] <= start + jnp.arange(t)[:, None]  # [T, length]
+  scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+  return jnp.einsum("bhts,bhsk->bhtk", probs, cache_v)
 
 
 def per_layer(blocks, num_layers: int) -> list:
@@ -113,17 +111,17 @@ def for_decoding(params, cfg: model_lib.ModelConfig) -> dict:
 
 
 def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start):
-  """Logits [batch, T, vocab] (float32) of positions start..start+T-1 and their keys and values
-  (a `Cache` of T rows), for `write`; the cache is only read.
+  """Runs positions start..start+T-1: writes their keys and values into the cache, attends each
+  to the rows up to its own, and returns their logits [batch, T, vocab] (float32) and the cache.
 
   prev: int32 [batch, T], the pixels at positions start-1..start+T-2 (ignored at position 0).
-  start: int (may be traced), at most the cache's length. The positions attend to the cache
-  rows before `start` and to each other; the work grows with the cache's (static) length.
+  start: int (may be traced); the cache must be at least start+T rows long. The work grows with
+  the cache's (static) length.
   """
   dtype = cfg.compute_dtype
   layers = per_layer(params["blocks"], cfg.num_layers)
   h = model_lib.constrain(embed(params, cfg, prev, start), ("act_batch", None, "act_embed"))
-  new_keys, new_values = [], []
+  keys, values = list(cache.key), list(cache.value)
   for layer in range(cfg.num_layers):
     p = layers[layer]
     x = model_lib.rms_norm(h, p["ln_1"]["scale"]).astype(dtype)
@@ -135,10 +133,11 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start):
       out = jnp.dot(x, w.reshape(w.shape[0], -1).astype(dtype))
       return _constrain(out.reshape(*x.shape[:2], *w.shape[1:]).transpose(0, 2, 1, 3))
 
-    k, v = heads("key"), heads("value")
-    out = _attend(heads("query"), k, v, cache.key[layer], cache.value[layer], start)
-    new_keys.append(k)
-    new_values.append(v)
+    # Written before it is read: the step's attention reads the updated arrays in place (a
+    # write after the reads, which nothing orders, made XLA copy every array every step).
+    keys[layer] = _put(keys[layer], heads("key"), start)
+    values[layer] = _put(values[layer], heads("value"), start)
+    out = _attend(heads("query"), keys[layer], values[layer], start)
     w_out = p["attn"]["out"]  # [heads, head_dim, d]
     out = out.transpose(0, 2, 1, 3).reshape(*h.shape[:2], -1)
     h = h + jnp.dot(out, w_out.reshape(-1, w_out.shape[-1]).astype(dtype))
@@ -146,12 +145,11 @@ def decode(params, cfg: model_lib.ModelConfig, cache: Cache, prev, start):
     h = h + model_lib.mlp(x, p["mlp"]["fc"]["kernel"].astype(dtype),
                           p["mlp"]["proj"]["kernel"].astype(dtype))
   h = model_lib.rms_norm(h, params["ln_f"]["scale"])
-  return model_lib.logits_of(h, params["wtet"], dtype), Cache(tuple(new_keys), tuple(new_values))
+  return model_lib.logits_of(h, params["wtet"], dtype), Cache(tuple(keys), tuple(values))
 
 
-def write(cache: Cache, rows: Cache, start) -> Cache:
-  """The cache with `rows` (keys and values of T positions, as `decode` returns them) written
-  at positions start..start+T-1, in place."""
-  def put(old, new):
-    return _constrain(jax.lax.dynamic_update_slice(old, new.astype(old.dtype), (0, 0, start, 0)))
-  return Cache(tuple(map(put, cache.key, rows.key)), tuple(map(put, cache.value, rows.value)))
+def _put(array, rows, start):
+  """`array` [batch, heads, length, head_dim] with `rows` [batch, heads, T, head_dim] written at
+  start..start+T-1, in place."""
+  return _constrain(jax.lax.dynamic_update_slice(array, rows.astype(array.dtype),
+                                                 (0, 0, start, 0)))

@@ -39,13 +39,12 @@ def test_cached_decoding_reproduces_full_forward_logits():
   cache = kv_cache.empty(cfg, 3, 0)
   for i in range(cfg.seq_len):
     cache = kv_cache.grow(cache, max(kv_cache.length(cache), min(cfg.seq_len, (i // 8 + 1) * 8)))
-    logits, rows = step(params, cfg, cache, prev[:, i:i + 1], i)
-    cache = kv_cache.write(cache, rows, i)
+    logits, cache = step(params, cfg, cache, prev[:, i:i + 1], i)
     np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, i], atol=1e-4, rtol=1e-4)
   assert kv_cache.length(cache) == cfg.seq_len
-  # A block of positions in one pass (how a given prefix fills the cache), then the rest.
-  first, rows = step(params, cfg, kv_cache.empty(cfg, 3, 0), prev[:, :20], 0)
-  cache = kv_cache.write(kv_cache.empty(cfg, 3, 20), rows, 0)
+  # A block of positions in one pass (how a given prefix fills the cache), then the rest; the
+  # rows after the block are still zero when it runs (a step sees no row past its own).
+  first, cache = step(params, cfg, kv_cache.empty(cfg, 3, cfg.seq_len), prev[:, :20], 0)
   rest, _ = step(params, cfg, cache, prev[:, 20:], 20)
   np.testing.assert_allclose(np.concatenate([first, rest], axis=1), full, atol=1e-4, rtol=1e-4)
 
@@ -54,7 +53,7 @@ def test_a_step_reads_only_the_cache_rows_of_its_block_and_before():
   cfg, params, _ = make_model(seq_len=64)
   read = []
   for lo in range(0, 64, 16):
-    carry = (jnp.zeros((2, 64), jnp.int32), kv_cache.empty(cfg, 2, lo), kv_cache.empty(cfg, 2, 1))
+    carry = (jnp.zeros((2, 64), jnp.int32), kv_cache.empty(cfg, 2, lo))
     block = jax.jit(lambda c, lo=lo: decoding.draw_block(
         cfg, params, jax.random.PRNGKey(0), c, lo, lo + 16, prefix_len=0,
         cfg=decoding.SamplingConfig(greedy=True)))
@@ -289,8 +288,8 @@ config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
 mesh = sharding.make_mesh(config)
 with sharding.use(mesh, config):
   on_mesh = decoding.sample(cfg, params, rng, prefix, prefix_len=20, block=16)
-  carry = (prefix, kv_cache.empty(cfg, 8, 16), kv_cache.empty(cfg, 8, 1))
-  _, cache, _ = jax.jit(lambda c: decoding.draw_block(
+  carry = (prefix, kv_cache.empty(cfg, 8, 16))
+  _, cache = jax.jit(lambda c: decoding.draw_block(
       cfg, params, rng, c, 16, 32, prefix_len=0, cfg=decoding.SamplingConfig()))(carry)
 print("SHARDED" + json.dumps({
     "same": bool(np.array_equal(one_device, np.asarray(on_mesh))),

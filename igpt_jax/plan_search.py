@@ -175,7 +175,7 @@ def search(base, kind: str, *, plan_fn, devices_fn, slices=None, max_chips: int 
       head = f"  [{state['tried']}, {time.time() - start:.0f}s] {label}"
       if "refused" in p:
         state["skipped"] += 1
-        log(f"{head}: refused ({p['refused'][:100]})")
+        log(f"{head}: refused ({p['refused'][:300]})")
         return found or (None, None)
       if p["fits"] and p.get("hbm_headroom", 1.0) < min_headroom:
         log(f"{head}: fits with {100 * p['hbm_headroom']:.0f}% of HBM to spare, under the "

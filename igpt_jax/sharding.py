@@ -11,27 +11,46 @@ import contextlib
 
 import flax.linen as nn
 import jax
+from absl import logging
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from igpt_jax import config_lib
 
 BATCH_AXES = ("data", "fsdp")
+_SPLIT_WARNED = set()  # mesh shapes `make_mesh` has said split a physical axis
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """A `data x fsdp x tensor` mesh over all devices of all processes."""
+  """A `data x fsdp x tensor` mesh over all devices of all processes.
+
+  Each mesh axis takes whole physical axes of a TPU slice where it can (`jax.make_mesh`); a
+  shape that needs part of one (e.g. data 2 x fsdp 32 on a v6e 8x8 torus) splits that physical
+  axis instead, with a line saying so: it runs, and the split axes' collectives use a part of
+  that axis's links each.
+  """
   devices = jax.devices() if devices is None else devices
   shape = config_lib.resolve_mesh_shape(config.mesh, len(devices))
   axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
   try:
     return jax.make_mesh(shape, config_lib.MESH_AXES, axis_types=axis_types, devices=devices)
-  except NotImplementedError as e:  # a TPU slice's physical torus cannot hold this shape
+  except NotImplementedError as e:  # a TPU slice's physical torus cannot hold this shape whole
+    reason = str(e).split(".")[0]
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (NotImplementedError, ValueError) as e:
     raise config_lib.ConfigError(
         f"config.mesh={dict(zip(config_lib.MESH_AXES, shape))} does not map onto these "
-        f"devices' physical layout ({str(e).split('.')[0]}): each mesh axis must be a product "
-        "of whole physical axes, e.g. 16 = 4 x 4 on a 4x4x4 slice. Choose other config.mesh "
-        "sizes.") from e
+        f"devices' physical layout ({reason}; splitting physical axes failed too: "
+        f"{str(e).split('.')[0]}). Choose other config.mesh sizes, e.g. products of the "
+        "slice's physical axes (16 = 4 x 4 on a 4x4x4 slice).") from e
+  if shape not in _SPLIT_WARNED:
+    _SPLIT_WARNED.add(shape)
+    logging.warning("config.mesh=%s splits a physical axis of this slice (%s): it runs, with "
+                    "less link bandwidth for the split axes", dict(zip(config_lib.MESH_AXES, shape)),
+                    reason)
+  return jax.sharding.Mesh(grid, config_lib.MESH_AXES, axis_types=axis_types)
 
 
 def rules(config):

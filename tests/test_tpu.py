@@ -52,6 +52,24 @@ def test_splash_attention_compiles_for_a_tpu_slice(causal):
   assert 0 < mem.argument_size_in_bytes < chips.CHIPS["v5e"].hbm_gib * GIB
 
 
+def test_a_mesh_that_splits_a_physical_axis_is_built_and_said(caplog):
+  """data 2 x fsdp 32 on a v6e 8x8 torus needs half of one physical axis: `jax.make_mesh`
+  refuses it, `sharding.make_mesh` splits that axis instead (every chip once) and says so in
+  one warning; a shape that takes whole physical axes is built as before, without a word."""
+  devices = tpu_devices("v6e:8x8")
+  with pytest.raises(NotImplementedError):
+    jax.make_mesh((2, 32, 1), ("data", "fsdp", "tensor"), devices=devices)
+  split = sharding.make_mesh(tiny_config(**{"mesh.data": 2, "mesh.fsdp": 32}), devices)
+  assert dict(split.shape) == {"data": 2, "fsdp": 32, "tensor": 1}
+  assert len({d.id for d in split.devices.flat}) == 64
+  warned = [r.getMessage() for r in caplog.records if "splits a physical axis" in r.getMessage()]
+  assert len(warned) == 1 and "'data': 2, 'fsdp': 32" in warned[0], warned
+  caplog.clear()
+  whole = sharding.make_mesh(tiny_config(**{"mesh.data": 1, "mesh.fsdp": 64}), devices)
+  assert dict(whole.shape) == {"data": 1, "fsdp": 64, "tensor": 1}
+  assert not [r for r in caplog.records if "splits a physical axis" in r.getMessage()]
+
+
 def test_plan_compiles_the_igpt_s_train_step_for_a_v5e_slice():
   """`python -m igpt_jax.plan --topology=v5e:2x2`: the real iGPT-S train step (bfloat16, batch
   8) compiled by the TPU compiler, with its memory figures, FLOPs and roofline."""

@@ -85,9 +85,11 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
 
   config_lib.validate(config, jax.device_count())
   mesh = sharding.make_mesh(config)
-  model, schedule, tx = train_state.model_and_optimizer(config, max(config.warmup_steps, 1))
+  warmup = max(config.warmup_steps, 1)
+  model, _, tx = train_state.model_and_optimizer(config, warmup)
   state, shardings = train_state.create_train_state(model, tx, mesh, config, seed=0)
-  step_fn = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
+  step_fn = train.jit_train_step(config, model, mesh, shardings)
+  lr_args = train_state.lr_args(config, warmup, mesh)
   seq_len = config.image_size**2
   rng = np.random.default_rng(0)
   batch = sharding.global_batch(
@@ -96,12 +98,12 @@ def bench_jax(config, steps: int, warmup: int) -> dict:
 
   with sharding.use(mesh, config):
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch, lr_args).compile()
     compile_s = time.perf_counter() - t0
     holder = [state]
 
     def step():
-      holder[0], metrics = compiled(holder[0], batch)
+      holder[0], metrics = compiled(holder[0], batch, lr_args)
       jax.block_until_ready(metrics["loss"])
       return metrics
 

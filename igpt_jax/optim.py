@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 
-def warmup_cosine(peak: float, warmup: int, total: int) -> optax.Schedule:
-  """Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to 0 at `total`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup,
-      decay_steps=max(total, warmup + 1), end_value=0.0)
+def warmup_cosine(peak, warmup, total) -> optax.Schedule:
+  """Linear warmup from 0 to `peak` over `warmup` steps, then cosine decay to 0 at `total`.
+
+  The three numbers may be Python numbers or traced scalars: the train step takes them as an
+  input (`train_state.lr_args`), so runs that differ only in length or warmup share one
+  compiled step.
+  """
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    rising = peak * step / jnp.maximum(warmup, 1)
+    done = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1), 0.0, 1.0)
+    return jnp.where(step < warmup, rising, 0.5 * peak * (1.0 + jnp.cos(jnp.pi * done)))
+
+  return schedule
 
 
 def adam(config, schedule) -> optax.GradientTransformation:

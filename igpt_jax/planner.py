@@ -206,9 +206,10 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
                                           sharding=batch_sharding),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                          sharding=batch_sharding)}
-  model, schedule, tx = train_state.model_and_optimizer(config, train_state.warmup_steps(config))
+  model, _, tx = train_state.model_and_optimizer(config, train_state.warmup_steps(config))
   abstract, shardings = train_state.abstract_train_state(model, tx, mesh, config)
-  step_fn = train.jit_train_step(config, model, tx, schedule, mesh, shardings)
+  step_fn = train.jit_train_step(config, model, mesh, shardings)
+  lr_args = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh))
   params_b = per_device_bytes(abstract.params, shardings.params)
   opt_b = per_device_bytes(abstract.opt_state, shardings.opt_state)
   attention = model_lib.attention_lib.resolve(model.cfg.attention, model.cfg.compute_dtype,
@@ -247,7 +248,7 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
   with sharding.use(mesh, config):
     t0 = time.time()
     try:
-      compiled = step_fn.lower(abstract, batch).compile()
+      compiled = step_fn.lower(abstract, batch, lr_args).compile()
     except Exception as e:  # pylint: disable=broad-except
       if "cuDNN not found" in str(e):
         raise errors.FlagError(

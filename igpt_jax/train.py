@@ -28,6 +28,7 @@ from igpt_jax import input_pipeline
 from igpt_jax import metric_writer
 from igpt_jax import model as model_lib
 from igpt_jax import objectives
+from igpt_jax import optim
 from igpt_jax import run as run_lib
 from igpt_jax import sampling
 from igpt_jax import sharding
@@ -35,14 +36,16 @@ from igpt_jax import train_state as state_lib
 from igpt_jax.train_state import TrainState
 
 
-def jit_train_step(config, model, tx, schedule, mesh, state_shardings):
-  """The jitted `train_step` of `config`: explicit shardings, the state donated."""
+def jit_train_step(config, model, mesh, state_shardings):
+  """The jitted `train_step` of `config`, called as step(state, batch, lr_args) with
+  `train_state.lr_args`: explicit shardings, the state donated."""
   return jax.jit(
-      functools.partial(train_step, apply_fn=model_lib.make_apply_fn(model), tx=tx,
-                        schedule=schedule, objective=config.objective, mask_prob=config.mask_prob,
+      functools.partial(train_step, apply_fn=model_lib.make_apply_fn(model),
+                        make_tx=functools.partial(state_lib.make_optimizer, config),
+                        objective=config.objective, mask_prob=config.mask_prob,
                         seed=config.seed, skip_nonfinite=config.nonfinite_policy == "skip",
                         accum_steps=config.grad_accum_steps),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
@@ -53,10 +56,13 @@ def _microbatches(tokens, accum_steps: int):
   return nn.with_logical_constraint(micro, (None, "act_batch", "act_length"))
 
 
-def train_step(state: TrainState, batch: dict, *, apply_fn, tx, schedule, objective: str,
+def train_step(state: TrainState, batch: dict, lr_args, *, apply_fn, make_tx, objective: str,
                mask_prob: float, seed: int, skip_nonfinite: bool = False,
                accum_steps: int = 1):
   """One optimizer step. Pure: the step's randomness is fold_in(seed, step).
+
+  lr_args: [peak learning rate, warmup steps, total steps] (`train_state.lr_args`), the
+  schedule's numbers; `make_tx(schedule)` is the optimizer (`train_state.make_optimizer`).
 
   `accum_steps` > 1 splits the batch into that many micro-batches whose gradients are averaged
   (a scan: activations of one micro-batch live at a time); the update equals the full batch's.
@@ -64,6 +70,8 @@ def train_step(state: TrainState, batch: dict, *, apply_fn, tx, schedule, object
   optimizer state unchanged (the step counter still advances); `metrics["nonfinite"]` is 1.
   """
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+  schedule = optim.warmup_cosine(lr_args[0], lr_args[1], lr_args[2])
+  tx = make_tx(schedule)
 
   def loss_fn(params, tokens, rng):
     per_image = objectives.per_image_loss(apply_fn, params, tokens, rng,
@@ -114,8 +122,7 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.palette = self.run.palette  # fitted and saved when the run has no palette yet
     self.warmup = state_lib.warmup_steps(config, self.run.source.split_sizes["train"])
-    self.schedule = state_lib.lr_schedule(config, self.warmup)
-    self.tx = state_lib.make_optimizer(config, self.schedule)
+    self.tx = state_lib.make_optimizer(config, state_lib.lr_schedule(config, self.warmup))
     model, mesh = self.run.model, self.run.mesh
     # Shapes and shardings only: a state is allocated by restoring a checkpoint into them, or
     # by `init_state` when there is none, so one train state exists at a time.
@@ -123,8 +130,8 @@ class Trainer:
         model, self.tx, mesh, config)
     self.num_params = model_lib.count_params(self.abstract_state.params)
     self.flops_per_token = flops.train_flops_per_token_of(model.cfg)
-    self._train_step = jit_train_step(config, model, self.tx, self.schedule, mesh,
-                                      self.state_shardings)
+    self.lr_args = state_lib.lr_args(config, self.warmup, mesh)
+    self._train_step = jit_train_step(config, model, mesh, self.state_shardings)
 
   def init_state(self) -> TrainState:
     """A freshly initialised train state, built sharded (for a run without a checkpoint)."""
@@ -139,7 +146,8 @@ class Trainer:
 
   def step(self, state, local_batch):
     with sharding.use(self.run.mesh, self.config):
-      return self._train_step(state, sharding.global_batch(local_batch, self.run.mesh))
+      return self._train_step(state, sharding.global_batch(local_batch, self.run.mesh),
+                              self.lr_args)
 
 
 log = run_lib.log

@@ -13,6 +13,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from igpt_jax import checkpointing
 from igpt_jax import model as model_lib
@@ -42,7 +43,20 @@ def warmup_steps(config, train_examples: int | None = None) -> int:
 
 def lr_schedule(config, warmup: int):
   """Linear warmup from 0 to config.learning_rate, then cosine decay to 0 at total_steps."""
-  return optim.warmup_cosine(config.learning_rate, warmup, config.total_steps)
+  return optim.warmup_cosine(*lr_args(config, warmup))
+
+
+def lr_args(config, warmup: int, mesh=None):
+  """The schedule's numbers as the train step takes them: float32 [peak learning rate, warmup
+  steps, total steps], an input of the compiled step rather than constants in it (a run
+  extended to more steps, or another run of the same shapes, reuses the compiled step and the
+  compilation cache). With a mesh: a replicated array on its devices, made once before the
+  loop (every process passes the same numbers)."""
+  values = np.array([config.learning_rate, warmup, config.total_steps], np.float32)
+  if mesh is None:
+    return values
+  return jax.make_array_from_callback(values.shape, sharding.replicated(mesh),
+                                      lambda index: values[index])
 
 
 def model_and_optimizer(config, warmup: int):

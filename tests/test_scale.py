@@ -25,6 +25,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   config = tiny_config()
   model, schedule, tx = train_state.model_and_optimizer(config, 2)
   mesh = sharding.make_mesh(config)
+  lr_args = train_state.lr_args(config, 2, mesh)
   state, _ = train_state.create_train_state(model, tx, mesh, config, seed=0)
   # A non-zero head, so that the loss and every gradient depend on the whole model.
   params = dict(state.params)
@@ -38,11 +39,12 @@ def test_gradient_accumulation_equals_the_full_batch():
   out = {}
   for k in (1, 2, 4):
     step = jax.jit(functools.partial(
-        train.train_step, apply_fn=model_lib.make_apply_fn(model), tx=tx, schedule=schedule,
+        train.train_step, apply_fn=model_lib.make_apply_fn(model),
+        make_tx=functools.partial(train_state.make_optimizer, config),
         objective="next_pixel", mask_prob=0.15, seed=0, accum_steps=k))
     with sharding.use(mesh, config):
-      new_state, _ = step(state, batch)
-      new_state, metrics = step(new_state, batch)
+      new_state, _ = step(state, batch, lr_args)
+      new_state, metrics = step(new_state, batch, lr_args)
     out[k] = (metrics, new_state.params)
   moved = [float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(params))]

@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -120,6 +121,7 @@ def test_cli_rejects_unknown_config_field(tmp_path):
 DATA_PARALLEL_SCRIPT = r"""
 import json, sys
 import jax
+import jax.numpy as jnp
 from conftest import tiny_config
 from igpt_jax import train
 losses = {}
@@ -172,9 +174,9 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
   from conftest import quickstart_config  # pylint: disable=g-import-not-at-top
   traces = []
   real_step = train.train_step
-  def counting_step(state, batch, **kw):
+  def counting_step(state, batch, lr_args, **kw):
     traces.append(batch["tokens"].shape)  # runs only while jax traces the function
-    return real_step(state, batch, **kw)
+    return real_step(state, batch, lr_args, **kw)
   monkeypatch.setattr(train, "train_step", counting_step)
   config = quickstart_config(total_steps=4, log_every_steps=1, eval_every_steps=2,
                              checkpoint_every_steps=2, warmup_steps=1, num_samples=0)
@@ -186,11 +188,46 @@ def test_the_train_step_traces_once_over_a_run(tmp_path, monkeypatch):
   assert traces == [(64, 64)] * 2
   # A host (NumPy) batch handed to the jitted step, as a forgotten `global_batch` would.
   def unsharded_step(self, state, batch):
-    return self._train_step(state, batch)  # pylint: disable=protected-access
+    return self._train_step(state, batch, self.lr_args)  # pylint: disable=protected-access
   monkeypatch.setattr(train.Trainer, "step", unsharded_step)
   config = quickstart_config(total_steps=8, log_every_steps=1, warmup_steps=1, num_samples=0)
   with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_runs_of_other_lengths_share_one_compiled_step():
+  """The schedule's numbers (peak, warmup, total steps) are an input of the train step, not
+  constants in it: configs that differ only in total_steps and warmup_steps lower to the same
+  program, so a run extended to more steps (or another run of the same shapes) reuses the
+  compiled step and the compilation cache; the learning rate the step reports is the
+  schedule's at that step."""
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
+  from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
+  programs, rates = [], []
+  for total, warmup in ((100, 10), (5000, 0)):
+    config = tiny_config(total_steps=total, warmup_steps=warmup)
+    model, schedule, tx = train_state.model_and_optimizer(config, warmup)
+    mesh = sharding.make_mesh(config)
+    abstract, shardings = train_state.abstract_train_state(model, tx, mesh, config)
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32,
+                                               sharding=sharding.batch_sharding(mesh))
+    batch = {"tokens": shape(config.batch_size, config.image_size**2),
+             "label": shape(config.batch_size)}
+    lr = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh))
+    step = train.jit_train_step(config, model, mesh, shardings)
+    with sharding.use(mesh, config):
+      programs.append(step.lower(abstract, batch, lr).as_text())
+      state, _ = train_state.create_train_state(model, tx, mesh, config, seed=0)
+      state = state.replace(step=jnp.asarray(7, jnp.int32))
+      tokens = np.zeros((config.batch_size, config.image_size**2), np.int32)
+      _, metrics = step(state, sharding.global_batch(
+          {"tokens": tokens, "label": tokens[:, 0]}, mesh), train_state.lr_args(
+              config, warmup, mesh))
+    rates.append((float(metrics["learning_rate"]), float(schedule(7))))
+  assert programs[0] == programs[1]
+  for reported, expected in rates:
+    assert reported == pytest.approx(expected, rel=1e-6) and reported > 0
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():

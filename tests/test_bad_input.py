@@ -456,7 +456,9 @@ def test_resuming_after_a_fallback_keeps_one_metrics_row_per_step(run, tmp_path)
   workdir = str(tmp_path / "run")
   shutil.copytree(run, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "120"))  # the resume falls back to 60
-  config = quickstart_config(total_steps=120)
+  assert 120 in [row["step"] for row in metric_writer.rows(workdir)]
+  config = quickstart_config(total_steps=64, log_every_steps=2)
   train.train_and_evaluate(config, workdir)
   steps = [row["step"] for row in metric_writer.rows(workdir)]
-  assert len(steps) == len(set(steps)) and max(steps) == 120
+  assert len(steps) == len(set(steps)) and max(steps) == 64  # the row of step 120 is gone
+  assert [s for s in steps if s > 60] == [62, 64]

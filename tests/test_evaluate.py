@@ -544,7 +544,7 @@ def test_evaluate_sample_and_convert_restore_parameters_only(trained_quickstart,
 
 
 def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypatch):
-  """config.evals: a linear probe every 20 steps inside `train_and_evaluate`, logged to
+  """config.evals: a linear probe every 4 steps inside `train_and_evaluate`, logged to
   metrics.jsonl; at the last step it gives the same numbers as `python -m igpt_jax.evaluate`
   on the final checkpoint with the same settings (one code path). One EvalData (data source,
   compiled extraction) serves both steps, on each step's parameters."""
@@ -552,11 +552,11 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   from conftest import metrics_by_step  # pylint: disable=g-import-not-at-top
   from igpt_jax import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path)
-  config = quickstart(total_steps=40, checkpoint_every_steps=40, log_every_steps=10,
-                      eval_every_steps=40, warmup_steps=5)
+  config = quickstart(total_steps=8, checkpoint_every_steps=8, log_every_steps=2,
+                      eval_every_steps=8, warmup_steps=2)
   probe_settings = dict(tasks="linear_probe", layers="2,4", concat_layers="all",
                         raw_pixel_baseline=True, max_train_examples=600)
-  config.evals.digits = ml_collections.ConfigDict(dict(every_steps=20, **probe_settings))
+  config.evals.digits = ml_collections.ConfigDict(dict(every_steps=4, **probe_settings))
   built, init = [], evaluators.EvalData.__init__
   raw_splits, raw_pixels = [], features_lib.raw_pixels
 
@@ -579,7 +579,7 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
 
   train.train_and_evaluate(config, workdir, in_training)
   monkeypatch.undo()
-  assert built == [20]  # built at its first step, reused at step 40
+  assert built == [4]  # built at its first step, reused at step 8
   live, (probe_task,) = handed[0][0], handed[0][1].tasks["digits"]
   assert isinstance(probe_task, evaluators.LinearProbe)
   run = probe_task.data.run
@@ -587,23 +587,23 @@ def test_in_training_probe_logs_and_equals_the_offline_binary(tmp_path, monkeypa
   assert run.palette is live.palette and run.config.dataset == "digits"
   assert raw_splits == ["train", "validation", "test"]  # the baseline is fit once
   rows = metrics_by_step(workdir)
-  for step in (20, 40):
+  for step in (4, 8):
     for layer in (2, 4):
       assert 0.1 < rows[step][f"probe/digits/layer{layer}/test_acc"] <= 1.0
     assert rows[step]["probe/digits/best_test_acc"] in (
         rows[step]["probe/digits/layer2/test_acc"], rows[step]["probe/digits/layer4/test_acc"])
-  assert "probe/digits/best_test_acc" not in rows[10]  # only on its own steps
-  step40 = os.path.join(workdir, "evals", "digits", "step40")
-  assert os.path.exists(os.path.join(step40, "linear_probe.json"))
-  assert not os.path.exists(os.path.join(step40, "features"))  # dropped after use
-  offline = quickstart(total_steps=40, **{f"eval.{k}": v for k, v in probe_settings.items()})
+  assert "probe/digits/best_test_acc" not in rows[2]  # only on its own steps
+  step8 = os.path.join(workdir, "evals", "digits", "step8")
+  assert os.path.exists(os.path.join(step8, "linear_probe.json"))
+  assert not os.path.exists(os.path.join(step8, "features"))  # dropped after use
+  offline = quickstart(total_steps=8, **{f"eval.{k}": v for k, v in probe_settings.items()})
   lp = eval_tasks.evaluate(offline, workdir)["linear_probe"]
   for layer in (2, 4):
-    assert lp["layers"][str(layer)]["test_acc"] == rows[40][f"probe/digits/layer{layer}/test_acc"]
+    assert lp["layers"][str(layer)]["test_acc"] == rows[8][f"probe/digits/layer{layer}/test_acc"]
   assert lp["concat"]["layers"] == [2, 4]
-  assert lp["concat"]["test_acc"] == rows[40]["probe/digits/concat/test_acc"]
-  assert 0.1 < rows[20]["probe/digits/concat/test_acc"] <= 1.0
-  assert (rows[20]["probe/digits/raw_pixel_test_acc"] == rows[40]["probe/digits/raw_pixel_test_acc"]
+  assert lp["concat"]["test_acc"] == rows[8]["probe/digits/concat/test_acc"]
+  assert 0.1 < rows[4]["probe/digits/concat/test_acc"] <= 1.0
+  assert (rows[4]["probe/digits/raw_pixel_test_acc"] == rows[8]["probe/digits/raw_pixel_test_acc"]
           == lp["raw_pixel_test_acc"])
 
 

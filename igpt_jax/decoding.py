@@ -92,8 +92,8 @@ def block_noise(rng, lo: int, hi: int, shape):
 
   Drawn before a block's steps, in passes over about `NOISE_CHUNK` numbers (several steps
   each) and picked per step: the same numbers as drawing them step by step. On a CPU a pass
-  of that size costs about half as much per number as one step's alone, and three times less
-  than one pass over a whole block: the random-bit generator loops over its array five times,
+  of that size costs ~0.6x as much per number as one step's alone, and a third of one pass
+  over a whole 64x64 block: the random-bit generator loops over its array five times,
   so an array larger than the processor's caches is read from memory five times."""
   steps = hi - lo
   per_pass = max(1, min(steps, NOISE_CHUNK // math.prod(shape)))

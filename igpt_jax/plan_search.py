@@ -66,13 +66,26 @@ def meshes(chips: int, batch: int, micro: int, max_tensor: int = 8) -> list:
 
 
 def _versions() -> dict:
+  """What a cached plan depends on besides its config and topology: the compilers' versions and
+  this package's code (a changed model, planner or mesh builder answers differently)."""
   out = {}
   for dist in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
     try:
       out[dist] = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
       pass
+  out["igpt_jax"] = code_digest(os.path.dirname(os.path.abspath(__file__)))
   return out
+
+
+def code_digest(package_dir: str) -> str:
+  """A digest of the package's Python sources: any change to them gives another."""
+  digest = hashlib.sha256()
+  for name in sorted(os.listdir(package_dir)):
+    if name.endswith(".py"):
+      with open(os.path.join(package_dir, name), "rb") as f:
+        digest.update(name.encode() + b"\0" + f.read())
+  return digest.hexdigest()[:16]
 
 
 def cache_key(config, topology: str, salt: str = "") -> str:

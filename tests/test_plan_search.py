@@ -2,6 +2,7 @@
 and a real search with the GPU compiler."""
 
 import json
+import os
 
 import pytest
 
@@ -129,3 +130,18 @@ def test_search_with_the_gpu_compiler_and_its_cache(tmp_path):
 def test_search_flags_fail_in_one_line(flags, phrase):
   out = run_tool("plan", "--config=configs/s.py", *flags, timeout=300)
   assert out.returncode == 2 and phrase in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cached_plans_are_keyed_by_the_code_that_made_them(tmp_path):
+  """A plan cached by other code (a changed planner, model or mesh builder) is not served: the
+  cache key holds a digest of the package's sources, which any edit changes."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  package = os.path.dirname(plan_search.__file__)
+  copy = tmp_path / "igpt_jax"
+  shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+  assert plan_search.code_digest(str(copy)) == plan_search.code_digest(package)
+  assert plan_search._versions()["igpt_jax"] == plan_search.code_digest(package)  # pylint: disable=protected-access
+  with open(copy / "sharding.py", "a") as f:
+    f.write("\n# edited\n")
+  assert plan_search.code_digest(str(copy)) != plan_search.code_digest(package)
+

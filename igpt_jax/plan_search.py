@@ -21,6 +21,7 @@ bound), then by the step-time bound. The table and the exact command of the best
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -65,6 +66,7 @@ def meshes(chips: int, batch: int, micro: int, max_tensor: int = 8) -> list:
   return out
 
 
+@functools.cache  # one process runs one version of everything
 def _versions() -> dict:
   """What a cached plan depends on besides its config and topology: the compilers' versions and
   this package's code (a changed model, planner or mesh builder answers differently)."""

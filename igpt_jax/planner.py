@@ -206,10 +206,13 @@ def plan(config, hbm_gib: float | None = None, devices=None, costs: bool = True,
                                           sharding=batch_sharding),
            "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                          sharding=batch_sharding)}
-  model, _, tx = train_state.model_and_optimizer(config, train_state.warmup_steps(config))
+  warmup = train_state.warmup_steps(config)
+  model, _, tx = train_state.model_and_optimizer(config, warmup)
   abstract, shardings = train_state.abstract_train_state(model, tx, mesh, config)
   step_fn = train.jit_train_step(config, model, mesh, shardings)
-  lr_args = jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding.replicated(mesh))
+  lr_values = train_state.lr_args(config, warmup)  # host numbers: compile-only devices hold none
+  lr_args = jax.ShapeDtypeStruct(lr_values.shape, lr_values.dtype,
+                                 sharding=sharding.replicated(mesh))
   params_b = per_device_bytes(abstract.params, shardings.params)
   opt_b = per_device_bytes(abstract.opt_state, shardings.opt_state)
   attention = model_lib.attention_lib.resolve(model.cfg.attention, model.cfg.compute_dtype,

@@ -9,7 +9,7 @@ memory per device, whether it fits, and (hlo_cost.py, chips.py) FLOPs, HBM traff
 link and the roofline. `sample_plan.py` does the same for the sampler. The `plan` tool prints
 both; `plan_search.py` ranks many of them.
 
-jax is imported inside the functions: `use_fake_devices` must run before it is.
+jax is imported inside the functions: `use_fake_devices` must run before jax opens its devices.
 """
 
 import os
@@ -21,12 +21,26 @@ GIB = 1024**3
 LINK_NAMES = {"ici": "ICI", "nvlink": "NVLink", "network": "the network"}
 
 
+def _jax_devices_opened() -> bool:
+  """Whether jax has opened its devices (imported is fine: the flags are read at that point)."""
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # another jax: assume the worst
+    return True
+
+
 def use_fake_devices(n: int) -> None:
   """`n` CPU devices, and no accelerator opened (compile-only TPU devices need no TPU). Must
-  run before jax is imported."""
-  if "jax" in sys.modules:
-    raise RuntimeError("igpt_jax.planner.use_fake_devices must run before jax is imported.")
+  run before jax opens its devices."""
+  if _jax_devices_opened():
+    raise RuntimeError("igpt_jax.planner.use_fake_devices must run before jax's devices are "
+                       "first used (e.g. in a fresh process: python -m igpt_jax.plan).")
   os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # imported, devices not opened: its platforms flag is already read
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
   # Compile-only TPU devices touch no chip: libtpu's one-process lock (for real chips) would
   # only stop two plans, or a plan beside a test, from running at once.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -19,6 +19,8 @@ import time
 
 import pytest
 
+import forked
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -117,8 +119,7 @@ def run_on_fake_devices(script: str, *args, tag: str, devices: int = 8,
   devices; returns the JSON it printed after `tag`."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO / "tests"))
-  out = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+  out = forked.run(["-c", script, *map(str, args)], cwd=REPO, env=env, timeout=timeout)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.split(tag, 1)[1])
 
@@ -134,11 +135,13 @@ def tool_command(tool: str, *args) -> list:
   return [sys.executable, "-m", f"igpt_jax.{tool}", *args]
 
 
-def run_tool(tool: str, *args, timeout: float = 300, env=None) -> subprocess.CompletedProcess:
-  """Runs `python -m igpt_jax.<tool> ARGS` in the repository root, as a user would; returns
-  its exit status and captured output."""
-  return subprocess.run(tool_command(tool, *args), cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+def run_tool(tool: str, *args, timeout: float = 300, env=None,
+             fresh: bool = False) -> subprocess.CompletedProcess:
+  """Runs `python -m igpt_jax.<tool> ARGS` in the repository root, as a user would, in its own
+  process (forked from one with the libraries imported, see forked.py; `fresh=True`: a cold
+  interpreter); returns its exit status and captured output."""
+  return forked.run(["-m", f"igpt_jax.{tool}", *args], cwd=REPO, env=env, timeout=timeout,
+                    fresh=fresh)
 
 
 def metrics_by_step(workdir) -> dict:

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import forked
 from flax import linen as nn
 from sklearn.linear_model import LogisticRegression
 
@@ -243,7 +245,7 @@ def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart
   workdir = str(tmp_path / "run")
   shutil.copytree(trained_quickstart, workdir, ignore=shutil.ignore_patterns("eval"))
   cmd = [sys.executable, "-c", KILL_SCRIPT, workdir]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  proc = forked.popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
   deadline, progress = time.time() + 240, None
   while time.time() < deadline and proc.poll() is None:
@@ -263,7 +265,7 @@ def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart
   assert proc.returncode == -signal.SIGKILL, proc.stdout.read()[-2000:]
   killed_at = progress["batches"]
   assert 0 < killed_at < 169  # 1,350 training images in batches of 8
-  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = forked.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"resuming at batch {killed_at}" in out.stdout + out.stderr
   assert "ROWS 1350" in out.stdout
@@ -272,7 +274,7 @@ def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart
   # The same extraction, uninterrupted, in a fresh directory.
   fresh_dir = str(tmp_path / "fresh")
   shutil.copytree(trained_quickstart, fresh_dir, ignore=shutil.ignore_patterns("eval"))
-  out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, fresh_dir], cwd=REPO,
+  out = forked.run([sys.executable, "-c", KILL_SCRIPT, fresh_dir], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   fresh = features_lib.FeatureSet.open(directory.replace(workdir, fresh_dir))

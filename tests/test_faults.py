@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+import forked
+
 from conftest import REPO
 from conftest import metrics_by_step
 from conftest import quickstart_config
@@ -42,9 +44,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   args = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
           "--config.eval_every_steps=12", "--config.holdout_fraction=0.5556"]
-  ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+  ref = forked.popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  victim = subprocess.Popen(CLI + args + [f"--workdir={killed}"], cwd=REPO,
+  victim = forked.popen(CLI + args + [f"--workdir={killed}"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not os.path.exists(os.path.join(killed, "checkpoints", "4")):
@@ -53,7 +55,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   victim.send_signal(signal.SIGKILL)
   victim.wait(timeout=30)
   assert ref.wait(timeout=300) == 0
-  out = subprocess.run(CLI + args + [f"--workdir={killed}"], cwd=REPO, capture_output=True,
+  out = forked.run(CLI + args + [f"--workdir={killed}"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   resumed_from = int(out.stdout.split("Resumed from checkpoint at step ")[1].split(".")[0])
@@ -73,7 +75,7 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
   workdir = str(tmp_path)
   args = [f"--workdir={workdir}", "--config.total_steps=100000",
           "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
-  proc = subprocess.Popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE,
+  proc = forked.popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   wait_for_logged_steps(workdir, 3, [proc])
   proc.send_signal(signal.SIGTERM)
@@ -83,7 +85,7 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
   assert len(saved) == 1 and saved[0] >= 3
   assert f"checkpoint saved at step {saved[0]}" in stdout
   assert max(metrics_by_step(workdir)) == saved[0]  # the last step was logged, then saved
-  out = subprocess.run(CLI + [f"--workdir={workdir}", f"--config.total_steps={saved[0] + 2}",
+  out = forked.run(CLI + [f"--workdir={workdir}", f"--config.total_steps={saved[0] + 2}",
                               "--config.eval_every_steps=1000"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -291,11 +293,11 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
   args = ["--config.total_steps=60", "--config.checkpoint_every_steps=5",
           "--config.eval_every_steps=60"]
   straight, soaked = str(tmp_path / "straight"), str(tmp_path / "soaked")
-  assert subprocess.run(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+  assert forked.run(CLI + args + [f"--workdir={straight}"], cwd=REPO,
                         capture_output=True, timeout=900).returncode == 0
   rng = np.random.default_rng(0)
   for i in range(6):
-    proc = subprocess.Popen(CLI + args + [f"--workdir={soaked}"], cwd=REPO,
+    proc = forked.popen(CLI + args + [f"--workdir={soaked}"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(float(rng.uniform(8, 25)))
     if proc.poll() is not None:
@@ -303,7 +305,7 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL if i % 2 == 0 else signal.SIGTERM)
     code = proc.wait(timeout=120)
     assert code in (-signal.SIGKILL, train.PREEMPTED_EXIT_CODE), code
-  out = subprocess.run(CLI + args + [f"--workdir={soaked}"], cwd=REPO, capture_output=True,
+  out = forked.run(CLI + args + [f"--workdir={soaked}"], cwd=REPO, capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   a, b = metrics_by_step(straight), metrics_by_step(soaked)
@@ -328,12 +330,12 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
           "--config.eval_every_steps=16"]
   twice_args = ["--config.total_steps=16", "--config.checkpoint_every_steps=2",
                 "--config.eval_every_steps=16", f"--workdir={twice_dir}"]
-  ref = subprocess.Popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
+  ref = forked.popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  victim = subprocess.Popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+  victim = forked.popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_logged_steps(victim_dir, 2, [victim])
-  second = subprocess.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+  second = forked.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
   assert second.returncode == 2, second.stderr[-2000:]
   assert "is in use by another run (pid " in second.stderr
@@ -347,9 +349,9 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
   assert len(saved) == 1 and 2 <= saved[0] < 16, saved
   assert f"interrupted (Ctrl-C): checkpoint saved at step {saved[0]}" in stdout
   assert sorted(metrics_by_step(victim_dir)) == list(range(1, saved[0] + 1))
-  resumed = subprocess.Popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
+  resumed = forked.popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  twice = subprocess.Popen(CLI + twice_args, cwd=REPO, stdout=subprocess.PIPE,
+  twice = forked.popen(CLI + twice_args, cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
   wait_for_logged_steps(twice_dir, 3, [twice])
   twice.send_signal(signal.SIGINT)
@@ -361,7 +363,7 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
   assert "Traceback" not in stderr
   assert (stderr.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)")
           or "igpt_jax: interrupted (Ctrl-C): checkpoint saved" in stdout)  # 2nd came after
-  out = subprocess.run(CLI + twice_args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = forked.run(CLI + twice_args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Resumed from checkpoint at step " in out.stdout
   stdout, stderr = resumed.communicate(timeout=300)
@@ -385,7 +387,7 @@ def test_ctrl_c_during_folder_conversion_exits_130_and_leaves_nothing_half_writt
       os.makedirs(root / split / label)
       for name in names:
         shutil.copyfile(os.path.join(cifar10_dir, split, label, name), root / split / label / name)
-  proc = subprocess.Popen(CLI + [f"--config.dataset={root}", f"--config.data_dir={data_dir}",
+  proc = forked.popen(CLI + [f"--config.dataset={root}", f"--config.data_dir={data_dir}",
                                  f"--workdir={tmp_path / 'run'}"],
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:

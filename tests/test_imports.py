@@ -7,6 +7,7 @@ import pkgutil
 import subprocess
 import sys
 
+import forked
 import igpt_jax
 from conftest import REPO
 
@@ -32,7 +33,7 @@ def test_every_module_imports_alone_and_only_training_imports_train():
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   code = ("import sys, igpt_jax.{}; print('TRAIN' if 'igpt_jax.train' in sys.modules else ''); "
           f"print('EVAL', [m for m in {EVALUATION!r} if m in sys.modules])")
-  procs = {m: subprocess.Popen([sys.executable, "-c", code.format(m)], cwd=REPO,
+  procs = {m: forked.popen([sys.executable, "-c", code.format(m)], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True) for m in MODULES}
   failed = {}

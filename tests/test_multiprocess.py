@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+import forked
+
 from conftest import REPO
 from conftest import metrics_by_step
 from conftest import wait_for_logged_steps
@@ -36,7 +38,7 @@ def env_for(devices: int, **extra) -> dict:
 
 
 def two_processes(args, port, **popen_kw):
-  return [subprocess.Popen(
+  return [forked.popen(
       BASE + args, cwd=REPO, text=True,
       env=env_for(2, IGPT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", IGPT_NUM_PROCESSES=2,
                   IGPT_PROCESS_ID=rank, IGPT_HEARTBEAT_TIMEOUT_S=10), **popen_kw)
@@ -48,7 +50,7 @@ def losses(workdir):
 
 
 def run_one(args, devices):
-  out = subprocess.run(BASE + args, cwd=REPO, env=env_for(devices), capture_output=True,
+  out = forked.run(BASE + args, cwd=REPO, env=env_for(devices), capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
@@ -140,11 +142,11 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
   cmd = tool_command("evaluate", "--config=configs/quickstart.py",
                      "--config.eval.tasks=linear_probe", "--config.eval.layers=2,4",
                      "--config.eval.raw_pixel_baseline=False")
-  out = subprocess.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
+  out = forked.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   port = free_port()
-  procs = [subprocess.Popen(
+  procs = [forked.popen(
       cmd + [f"--workdir={runs['multi']}"], cwd=REPO, text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       env=env_for(2, IGPT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", IGPT_NUM_PROCESSES=2,

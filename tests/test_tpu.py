@@ -211,7 +211,7 @@ def test_plan_compiles_the_pallas_gpu_attention_kernel_for_sm_90a():
 
 @pytest.mark.parametrize("topology", ["h100:1x8", "v5e:2x4"])
 def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
-  """`plan --sample_batch`: the cached sampler of a 2-layer iGPT-S (32x32, bfloat16) compiled
+  """`plan --sample_batch`: the cached sampler of a 2-layer iGPT-S (16x16, bfloat16) compiled
   for 8 H100s and for a v5e slice, images over data and heads over tensor. The cache per device
   is the formula's, the compiled FLOPs the weights' share of the model's, and on the H100s the
   draw is HBM-bound (XLA:TPU keeps this small model's arrays in on-chip memory: not there)."""
@@ -221,22 +221,23 @@ def test_sampler_plan_for_gpus_and_a_tpu_slice(topology):
     requires_tpu_compiler()
   p, _ = _plan_json("--config=configs/s.py", f"--topology={topology}", "--sample_batch=16",
                     "--config.model.num_layers=2", "--config.model.dtype=bfloat16",
-                    "--config.mesh.data=4", "--config.mesh.fsdp=1", "--config.mesh.tensor=2")
-  assert p["devices"] == 8 and p["positions"] == 1024 and p["fits"]
-  # 2 layers x (16 / 4 images) x 1024 positions x (512 / 2 channels) x keys and values, bf16.
-  assert p["kv_cache_gib_per_device"] * GIB == 2 * 2 * 4 * 1024 * 256 * 2
+                    "--config.image_size=16", "--config.mesh.data=4", "--config.mesh.fsdp=1",
+                    "--config.mesh.tensor=2")
+  assert p["devices"] == 8 and p["positions"] == 256 and p["fits"]
+  # 2 layers x (16 / 4 images) x 256 positions x (512 / 2 channels) x keys and values, bf16.
+  assert p["kv_cache_gib_per_device"] * GIB == 2 * 2 * 4 * 256 * 256 * 2
   assert p["temp_gib_per_device"] >= p["kv_cache_gib_per_device"]
   assert p["loops_counted_once"] == 0
-  # Both compilers turn the attention's matrix-vector products (one query per image) into
-  # multiply-reduce fusions, which hlo_cost does not count as matmul FLOPs: the weights'
-  # matmuls are all of the compiled count, 0.90 of the model's here (attention 0.10-0.14).
+  # The compilers may turn the attention's matrix-vector products (one query per image) into
+  # multiply-reduce fusions, which hlo_cost does not count as matmul FLOPs (at 32x32 the
+  # compiled count is 0.90 of the model's); the weights' matmuls are always counted.
   ratio = p["compiler_tflop_per_device"] / p["model_tflop_per_device"]
-  assert 0.85 < ratio < 1.0, ratio
+  assert 0.85 < ratio <= 1.0, ratio
   if topology.startswith("h100"):
     # Every step reads the weights (cast to bfloat16 once, before the loops: half the float32
     # parameters' bytes) and the cache from HBM; a cast in the step read more than all of them.
     weights_gb = p["params_gib_per_device"] * GIB / 2 / 1e9
     assert p["bound_by"] == "HBM"
-    assert 1024 * weights_gb < p["hbm_gb_per_device"] < 1024 * 4 * weights_gb
-  assert p["pixels_per_s_bound"] == pytest.approx(16 * 1024 / p["roofline_batch_s"])
-  assert p["roofline_step_ms"] == pytest.approx(1e3 * p["roofline_batch_s"] / 1024)
+    assert 256 * weights_gb < p["hbm_gb_per_device"] < 256 * 4 * weights_gb
+  assert p["pixels_per_s_bound"] == pytest.approx(16 * 256 / p["roofline_batch_s"])
+  assert p["roofline_step_ms"] == pytest.approx(1e3 * p["roofline_batch_s"] / 256)

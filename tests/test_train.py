@@ -89,11 +89,13 @@ def test_checkpoint_restart_resumes_at_the_right_step(cifar_config, tmp_path):
 
 
 def test_cli_quickstart_runs_on_builtin_digits(tmp_path):
+  """The README's first command, in a cold interpreter as a user starts it."""
   workdir = str(tmp_path / "qs")
   out = run_tool("main", "--config=configs/quickstart.py", f"--workdir={workdir}",
                  "--config.total_steps=30", "--config.warmup_steps=5",
                  "--config.log_every_steps=10", "--config.eval_every_steps=30",
-                 "--config.checkpoint_every_steps=30", "--config.num_samples=4", timeout=600)
+                 "--config.checkpoint_every_steps=30", "--config.num_samples=4", timeout=600,
+                 fresh=True)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "800,000 parameters" in out.stdout
   assert "step 30/30 | loss" in out.stdout and "validation bits/dim" in out.stdout

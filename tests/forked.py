@@ -1,0 +1,186 @@
+"""Runs `python -m igpt_jax.<tool>` (or `python -c CODE`) in a fresh process forked from a
+server that has already imported jax, flax, optax, orbax, tfds and the other libraries.
+
+Each run is still its own process: its own argv, flags, environment, working directory, exit
+status and output, the tool module executed as `__main__` exactly as `python -m` does, and
+atexit handlers run at its end. What it skips is the ~3 s of library imports that a cold
+interpreter pays, which about a hundred tool runs in the suite would otherwise repeat. The
+server imports no module of igpt_jax, so each run imports the package afresh.
+
+jax reads its JAX_* variables when it is imported, so a run whose environment changes one of
+them starts a cold interpreter instead; so does `fresh=True`, which the
+tests of the documented command lines use. IGPT_TESTS_COLD_START=1 makes every run cold.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import traceback
+
+# Imported once by the fork server; nothing of igpt_jax and nothing that starts a thread.
+PRELOAD = ["numpy", "jax", "jax.numpy", "flax.linen", "optax", "orbax.checkpoint",
+           "ml_collections.config_flags", "absl.app", "absl.flags", "absl.logging", "einops",
+           "tensorflow_datasets", "grain", "PIL.Image"]
+
+_server = {}  # the multiprocessing context and the environment its server was started with
+
+
+def _context():
+  if not _server:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    _server.update(ctx=ctx, env=dict(os.environ))
+  return _server["ctx"]
+
+
+def _same_imports(env) -> bool:
+  """Whether a process with `env` would import jax as the server did."""
+  server = _server["env"]
+  keys = {k for k in set(env) | set(server) if k.startswith("JAX_")}
+  return all(env.get(k) == server.get(k) for k in keys)
+
+
+def _child(argv, env, cwd, out_path, err_path) -> None:
+  """In the forked process: argv[0] is "-m" with a module or "-c" with code, as for python."""
+  os.chdir(cwd)
+  os.environ.clear()
+  os.environ.update(env)
+  for fd, path in ((1, out_path), (2, err_path)):
+    if path:  # else inherited
+      target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+      os.dup2(target, fd)
+      os.close(target)
+  code = 0
+  try:
+    sys.path[0:0] = [cwd] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if argv[0] == "-m":
+      sys.argv = [argv[1], *argv[2:]]
+      runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+      sys.argv = ["-c", *argv[2:]]
+      exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+  except SystemExit as e:
+    code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if not isinstance(e.code, (int, type(None))):
+      print(e.code, file=sys.stderr)
+  except BaseException:  # pylint: disable=broad-except
+    traceback.print_exc()
+    code = 1
+  try:
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+
+
+def _cold(argv, fresh, env) -> bool:
+  return (fresh or not _same_imports(env) or argv[0] not in ("-m", "-c")
+          or os.environ.get("IGPT_TESTS_COLD_START") == "1")
+
+
+class Popen:
+  """`subprocess.Popen([sys.executable, *argv], text=True, ...)` for a forked run: stdout and
+  stderr are None (inherited), subprocess.PIPE (kept in a file, read by communicate() or from
+  .stdout) or, for stderr, subprocess.STDOUT. Signals go to the run's own pid."""
+
+  def __init__(self, argv, *, cwd, env, stdout=None, stderr=None):
+    self.args = [sys.executable, *argv]
+    self._tmp = tempfile.TemporaryDirectory(prefix="igpt_forked_")
+    paths = {}
+    if stdout == subprocess.PIPE:
+      paths["out"] = os.path.join(self._tmp.name, "out")
+    if stderr == subprocess.PIPE:
+      paths["err"] = os.path.join(self._tmp.name, "err")
+    elif stderr == subprocess.STDOUT:
+      paths["err"] = paths.get("out")
+    self._paths = paths
+    child_out = os.devnull if stdout == subprocess.DEVNULL else paths.get("out")
+    child_err = (os.devnull if stderr == subprocess.DEVNULL
+                 or (stderr == subprocess.STDOUT and stdout == subprocess.DEVNULL)
+                 else paths.get("err"))
+    self._proc = _context().Process(target=_child, args=(
+        list(argv), env, str(cwd), child_out, child_err))
+    self._proc.start()
+    self.pid = self._proc.pid
+    self.stdout = open(paths["out"], "a+") if "out" in paths else None
+    if self.stdout is not None:
+      self.stdout.seek(0)
+
+  @property
+  def returncode(self):
+    return self._proc.exitcode
+
+  def poll(self):
+    return self._proc.exitcode
+
+  def wait(self, timeout=None):
+    self._proc.join(timeout)
+    if self._proc.exitcode is None:
+      raise subprocess.TimeoutExpired(self.args, timeout)
+    return self._proc.exitcode
+
+  def communicate(self, timeout=None):
+    self.wait(timeout)
+    out = err = None
+    if "out" in self._paths:
+      with open(self._paths["out"]) as f:
+        out = f.read()
+    if self._paths.get("err") and self._paths["err"] != self._paths.get("out"):
+      with open(self._paths["err"]) as f:
+        err = f.read()
+    return out, err
+
+  def send_signal(self, sig):
+    if self._proc.exitcode is None:
+      os.kill(self.pid, sig)
+
+  def kill(self):
+    self.send_signal(9)
+
+  def terminate(self):
+    self.send_signal(15)
+
+  def __del__(self):
+    if self.stdout is not None:
+      self.stdout.close()
+
+
+def _args(argv):
+  argv = list(argv)
+  return argv[1:] if argv and argv[0] == sys.executable else argv
+
+
+def popen(argv, *, cwd, env=None, stdout=None, stderr=None, text=True, fresh: bool = False):
+  """A process running `python ARGV` (argv: "-m", module, args... or "-c", code, args...,
+  with or without sys.executable first): forked (Popen above) unless it must start cold, then
+  subprocess.Popen. Output is text."""
+  assert text, "forked runs give text output"
+  argv = _args(argv)
+  env = dict(os.environ if env is None else env)
+  _context()
+  if _cold(argv, fresh, env):
+    return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=stdout,
+                            stderr=stderr, text=True)
+  return Popen(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
+
+
+def run(argv, *, cwd, env=None, timeout: float = 300, capture_output=True, text=True,
+        fresh: bool = False) -> subprocess.CompletedProcess:
+  """Like `subprocess.run([sys.executable, *argv], capture_output=True, text=True)`."""
+  assert capture_output and text, "forked runs capture their output as text"
+  proc = popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               fresh=fresh)
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    raise
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -140,7 +140,7 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
     runs[name] = str(tmp_path / name)
     shutil.copytree(trained_quickstart, runs[name], ignore=shutil.ignore_patterns("eval"))
   cmd = tool_command("evaluate", "--config=configs/quickstart.py",
-                     "--config.eval.tasks=linear_probe", "--config.eval.layers=2,4",
+                     "--config.eval.tasks=linear_probe", "--config.eval.layers=2",
                      "--config.eval.raw_pixel_baseline=False")
   out = forked.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
                        capture_output=True, text=True, timeout=300)
@@ -157,7 +157,7 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
   for name, workdir in runs.items():
     with open(os.path.join(workdir, "eval", "linear_probe.json")) as f:
       results[name] = json.load(f)
-  for layer in ("2", "4"):
+  for layer in ("2",):
     multi, single = results["multi"]["layers"][layer], results["single"]["layers"][layer]
     # The probe is split over the 4 devices of both runs; across processes its sums are added
     # in another order, so a fit capped at its iterations can end a hair away: a few examples.

@@ -24,10 +24,20 @@ from igpt_jax import sharding
 
 
 def make_extract_fn(model, layers: list[int]):
-  """(params, tokens [b, l]) -> float32 features [b, len(layers), width]."""
+  """(params, tokens [b, l]) -> float32 features [b, len(layers), width].
+
+  Only the blocks the deepest requested layer needs are run: the feature of layer l < L is
+  block l+1's normalised input, so a probe of layer 20 of 48 runs 21 blocks, not 48."""
   idx = np.asarray(layers)
+  depth = max(layers) + 1
+  truncated = depth < model.cfg.num_layers
+  if truncated:
+    model = model.clone(cfg=dataclasses.replace(model.cfg, num_layers=depth))
 
   def extract(params, tokens):
+    if truncated:  # the first `depth` blocks' parameters (the leading axis is the layer)
+      params = dict(params, blocks=jax.tree_util.tree_map(lambda w: w[:depth],
+                                                          params["blocks"]))
     feats = model.apply({"params": params}, tokens, output="features")
     return feats[:, idx]
 

@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import forked
 from flax import linen as nn
 from sklearn.linear_model import LogisticRegression
 
+import forked
 from conftest import REPO
 from conftest import run_tool
 from conftest import quickstart_config as quickstart
@@ -374,6 +373,14 @@ def test_features_are_pooled_normalised_inputs_of_the_next_block():
                                rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="output="):
     m.apply({"params": params}, tokens, output="hidden")
+  # Extraction runs only the blocks its deepest layer needs (the next block's ln_1 included),
+  # with the same numbers as the whole forward.
+  for layers, blocks in (([0], 1), ([1], 2), ([0, 2], 3), ([1, 3], 3)):
+    extract = features_lib.make_extract_fn(m, layers)
+    np.testing.assert_array_equal(extract(params, tokens), feats[:, np.asarray(layers)])
+    scans = [e for e in jax.make_jaxpr(extract)(params, tokens).eqns
+             if e.primitive.name == "scan"]
+    assert [e.params["length"] for e in scans] == [blocks], (layers, scans)
 
 
 # --- end to end on the quickstart ------------------------------------------------------------
@@ -491,12 +498,12 @@ def test_evaluate_cli(trained_quickstart):
 def test_probe_on_another_dataset_real_cifar10(trained_quickstart, cifar10_dir, tfds_dir):
   """The digits model probed on real CIFAR-10 (read at its 8x8 resolution, its palette)."""
   config = quickstart(**{"eval.tasks": "linear_probe", "eval.dataset": cifar10_dir,
-                         "data_dir": tfds_dir, "eval.layers": "2,4",
+                         "data_dir": tfds_dir, "eval.layers": "1,2",
                          "eval.max_train_examples": 2000, "eval.holdout_fraction": 0.02})
   lp = eval_tasks.evaluate(config, trained_quickstart)["linear_probe"]
   assert lp["dataset"] == cifar10_dir
   assert (lp["num_train"], lp["num_val"], lp["num_test"]) == (2000, 1000, 10_000)
-  assert list(lp["layers"]) == ["2", "4"]
+  assert list(lp["layers"]) == ["1", "2"]
   for row in lp["layers"].values():
     assert 0.15 < row["test_acc"] < 0.6  # above chance (0.1), far from a CIFAR model
   assert 0.2 < lp["raw_pixel_test_acc"] < 0.5

@@ -37,7 +37,7 @@ def test_gradient_accumulation_equals_the_full_batch():
   assert float(schedule(0)) == 0 and float(schedule(1)) > 0
   batch = {"tokens": jax.random.randint(jax.random.PRNGKey(2), (16, 256), 0, 64)}
   out = {}
-  for k in (1, 2, 4):
+  for k in (1, 4):  # 4 micro-batches of 4 against one of 16
     step = jax.jit(functools.partial(
         train.train_step, apply_fn=model_lib.make_apply_fn(model),
         make_tx=functools.partial(train_state.make_optimizer, config),
@@ -49,11 +49,10 @@ def test_gradient_accumulation_equals_the_full_batch():
   moved = [float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree_util.tree_leaves(out[1][1]), jax.tree_util.tree_leaves(params))]
   assert min(moved) > 1e-5, moved  # every parameter took a real step
-  for k in (2, 4):
-    for key in ("loss", "grad_norm"):
-      np.testing.assert_allclose(out[k][0][key], out[1][0][key], rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(out[k][1]), jax.tree_util.tree_leaves(out[1][1])):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(out[4][0][key], out[1][0][key], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(out[4][1]), jax.tree_util.tree_leaves(out[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert float(out[1][0]["loss"]) != pytest.approx(np.log(64), abs=1e-3)
 
 

@@ -377,7 +377,8 @@ def test_features_are_pooled_normalised_inputs_of_the_next_block():
   # with the same numbers as the whole forward.
   for layers, blocks in (([0], 1), ([1], 2), ([0, 2], 3), ([1, 3], 3)):
     extract = features_lib.make_extract_fn(m, layers)
-    np.testing.assert_array_equal(extract(params, tokens), feats[:, np.asarray(layers)])
+    np.testing.assert_allclose(jax.jit(extract)(params, tokens), feats[:, np.asarray(layers)],
+                               rtol=1e-6, atol=1e-6)
     scans = [e for e in jax.make_jaxpr(extract)(params, tokens).eqns
              if e.primitive.name == "scan"]
     assert [e.params["length"] for e in scans] == [blocks], (layers, scans)

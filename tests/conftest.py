@@ -140,8 +140,7 @@ def run_tool(tool: str, *args, timeout: float = 300, env=None,
   """Runs `python -m igpt_jax.<tool> ARGS` in the repository root, as a user would, in its own
   process (forked from one with the libraries imported, see forked.py; `fresh=True`: a cold
   interpreter); returns its exit status and captured output."""
-  return forked.run(["-m", f"igpt_jax.{tool}", *args], cwd=REPO, env=env, timeout=timeout,
-                    fresh=fresh)
+  return forked.run(tool_command(tool, *args), cwd=REPO, env=env, timeout=timeout, fresh=fresh)
 
 
 def metrics_by_step(workdir) -> dict:

@@ -18,6 +18,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ def _context():
 
 def _same_imports(env) -> bool:
   """Whether a process with `env` would import jax as the server did."""
+  _context()
   server = _server["env"]
   keys = {k for k in set(env) | set(server) if k.startswith("JAX_")}
   return all(env.get(k) == server.get(k) for k in keys)
@@ -142,10 +144,10 @@ class Popen:
       os.kill(self.pid, sig)
 
   def kill(self):
-    self.send_signal(9)
+    self.send_signal(signal.SIGKILL)
 
   def terminate(self):
-    self.send_signal(15)
+    self.send_signal(signal.SIGTERM)
 
   def __del__(self):
     if self.stdout is not None:
@@ -164,7 +166,6 @@ def popen(argv, *, cwd, env=None, stdout=None, stderr=None, text=True, fresh: bo
   assert text, "forked runs give text output"
   argv = _args(argv)
   env = dict(os.environ if env is None else env)
-  _context()
   if _cold(argv, fresh, env):
     return subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=stdout,
                             stderr=stderr, text=True)

@@ -245,7 +245,7 @@ def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart
   shutil.copytree(trained_quickstart, workdir, ignore=shutil.ignore_patterns("eval"))
   cmd = [sys.executable, "-c", KILL_SCRIPT, workdir]
   proc = forked.popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                      text=True)
   deadline, progress = time.time() + 240, None
   while time.time() < deadline and proc.poll() is None:
     found = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(workdir, "eval"))
@@ -274,7 +274,7 @@ def test_a_killed_feature_extraction_resumes_where_it_stopped(trained_quickstart
   fresh_dir = str(tmp_path / "fresh")
   shutil.copytree(trained_quickstart, fresh_dir, ignore=shutil.ignore_patterns("eval"))
   out = forked.run([sys.executable, "-c", KILL_SCRIPT, fresh_dir], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+                   capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   fresh = features_lib.FeatureSet.open(directory.replace(workdir, fresh_dir))
   np.testing.assert_array_equal(resumed.labels, fresh.labels)

@@ -45,9 +45,9 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   args = ["--config.total_steps=12", "--config.checkpoint_every_steps=4",
           "--config.eval_every_steps=12", "--config.holdout_fraction=0.5556"]
   ref = forked.popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   victim = forked.popen(CLI + args + [f"--workdir={killed}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
   while not os.path.exists(os.path.join(killed, "checkpoints", "4")):
     assert victim.poll() is None and time.time() < deadline, "no checkpoint 4 appeared"
@@ -56,7 +56,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
   victim.wait(timeout=30)
   assert ref.wait(timeout=300) == 0
   out = forked.run(CLI + args + [f"--workdir={killed}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+                   text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   resumed_from = int(out.stdout.split("Resumed from checkpoint at step ")[1].split(".")[0])
   assert resumed_from in (4, 8)
@@ -76,7 +76,7 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
   args = [f"--workdir={workdir}", "--config.total_steps=100000",
           "--config.checkpoint_every_steps=100000", "--config.eval_every_steps=100000"]
   proc = forked.popen(CLI + args, cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True)
+                      stderr=subprocess.DEVNULL, text=True)
   wait_for_logged_steps(workdir, 3, [proc])
   proc.send_signal(signal.SIGTERM)
   stdout, _ = proc.communicate(timeout=60)
@@ -86,8 +86,8 @@ def test_sigterm_saves_exits_42_and_resumes(tmp_path):
   assert f"checkpoint saved at step {saved[0]}" in stdout
   assert max(metrics_by_step(workdir)) == saved[0]  # the last step was logged, then saved
   out = forked.run(CLI + [f"--workdir={workdir}", f"--config.total_steps={saved[0] + 2}",
-                              "--config.eval_every_steps=1000"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                          "--config.eval_every_steps=1000"],
+                   cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"Resumed from checkpoint at step {saved[0]}." in out.stdout
 
@@ -294,11 +294,11 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
           "--config.eval_every_steps=60"]
   straight, soaked = str(tmp_path / "straight"), str(tmp_path / "soaked")
   assert forked.run(CLI + args + [f"--workdir={straight}"], cwd=REPO,
-                        capture_output=True, timeout=900).returncode == 0
+                    capture_output=True, timeout=900).returncode == 0
   rng = np.random.default_rng(0)
   for i in range(6):
     proc = forked.popen(CLI + args + [f"--workdir={soaked}"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(float(rng.uniform(8, 25)))
     if proc.poll() is not None:
       break
@@ -306,7 +306,7 @@ def test_soak_repeated_kills_and_sigterms_stay_bit_identical(tmp_path):
     code = proc.wait(timeout=120)
     assert code in (-signal.SIGKILL, train.PREEMPTED_EXIT_CODE), code
   out = forked.run(CLI + args + [f"--workdir={soaked}"], cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
+                   text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   a, b = metrics_by_step(straight), metrics_by_step(soaked)
   assert [a[s]["loss"] for s in range(1, 61)] == [b[s]["loss"] for s in range(1, 61)]
@@ -331,12 +331,12 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
   twice_args = ["--config.total_steps=16", "--config.checkpoint_every_steps=2",
                 "--config.eval_every_steps=16", f"--workdir={twice_dir}"]
   ref = forked.popen(CLI + args + [f"--workdir={straight}"], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   victim = forked.popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_logged_steps(victim_dir, 2, [victim])
   second = forked.run(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                      capture_output=True, text=True, timeout=120)
   assert second.returncode == 2, second.stderr[-2000:]
   assert "is in use by another run (pid " in second.stderr
   assert f"pid {victim.pid} " in second.stderr and "Traceback" not in second.stderr
@@ -350,9 +350,9 @@ def test_ctrl_c_saves_exits_130_resumes_exactly_and_a_second_run_is_refused(tmp_
   assert f"interrupted (Ctrl-C): checkpoint saved at step {saved[0]}" in stdout
   assert sorted(metrics_by_step(victim_dir)) == list(range(1, saved[0] + 1))
   resumed = forked.popen(CLI + args + [f"--workdir={victim_dir}"], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   twice = forked.popen(CLI + twice_args, cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                       stderr=subprocess.PIPE, text=True)
   wait_for_logged_steps(twice_dir, 3, [twice])
   twice.send_signal(signal.SIGINT)
   time.sleep(0.2)
@@ -388,8 +388,8 @@ def test_ctrl_c_during_folder_conversion_exits_130_and_leaves_nothing_half_writt
       for name in names:
         shutil.copyfile(os.path.join(cifar10_dir, split, label, name), root / split / label / name)
   proc = forked.popen(CLI + [f"--config.dataset={root}", f"--config.data_dir={data_dir}",
-                                 f"--workdir={tmp_path / 'run'}"],
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"--workdir={tmp_path / 'run'}"],
+                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   for line in proc.stdout:
     if line.startswith("Converting image folder"):
       break

@@ -34,8 +34,8 @@ def test_every_module_imports_alone_and_only_training_imports_train():
   code = ("import sys, igpt_jax.{}; print('TRAIN' if 'igpt_jax.train' in sys.modules else ''); "
           f"print('EVAL', [m for m in {EVALUATION!r} if m in sys.modules])")
   procs = {m: forked.popen([sys.executable, "-c", code.format(m)], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for m in MODULES}
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) for m in MODULES}
   failed = {}
   for m, p in procs.items():
     out, _ = p.communicate(timeout=300)

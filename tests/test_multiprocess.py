@@ -51,7 +51,7 @@ def losses(workdir):
 
 def run_one(args, devices):
   out = forked.run(BASE + args, cwd=REPO, env=env_for(devices), capture_output=True,
-                       text=True, timeout=300)
+                   text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -143,7 +143,7 @@ def test_two_process_evaluation_matches_one_process(trained_quickstart, tmp_path
                      "--config.eval.tasks=linear_probe", "--config.eval.layers=2",
                      "--config.eval.raw_pixel_baseline=False")
   out = forked.run(cmd + [f"--workdir={runs['single']}"], cwd=REPO, env=env_for(4),
-                       capture_output=True, text=True, timeout=300)
+                   capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   port = free_port()
   procs = [forked.popen(

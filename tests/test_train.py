@@ -123,7 +123,6 @@ def test_cli_rejects_unknown_config_field(tmp_path):
 DATA_PARALLEL_SCRIPT = r"""
 import json, sys
 import jax
-import jax.numpy as jnp
 from conftest import tiny_config
 from igpt_jax import train
 losses = {}

@@ -15,6 +15,7 @@ tests of the documented command lines use. IGPT_TESTS_COLD_START=1 makes every r
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import multiprocessing
 import os
 import runpy
@@ -58,6 +59,7 @@ def _child(argv, env, cwd, out_path, err_path) -> None:
       target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
       os.dup2(target, fd)
       os.close(target)
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # Popen.wait's dump of a hung run
   code = 0
   try:
     sys.path[0:0] = [cwd] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -125,8 +127,21 @@ class Popen:
   def wait(self, timeout=None):
     self._proc.join(timeout)
     if self._proc.exitcode is None:
+      self._report_hang()
       raise subprocess.TimeoutExpired(self.args, timeout)
     return self._proc.exitcode
+
+  def _report_hang(self):
+    """Has the run that outlived its timeout write every thread's stack to its stderr, and
+    shows that (and the end of its output) in the test's captured stderr."""
+    os.kill(self.pid, signal.SIGUSR1)
+    self._proc.join(2)
+    for name in ("out", "err"):
+      path = self._paths.get(name)
+      if path and (name == "out" or path != self._paths.get("out")):
+        with open(path) as f:
+          print(f"--- std{name} of the run that timed out ({self.args[1:3]}):\n"
+                f"{f.read()[-6000:]}", file=sys.stderr)
 
   def communicate(self, timeout=None):
     self.wait(timeout)

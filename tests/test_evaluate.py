@@ -139,7 +139,7 @@ def test_standardizer_in_chunks_matches_the_whole_array():
 
 def test_probe_streams_features_from_disk_within_the_host_budget(tmp_path):
   """Features on disk (float16 memory map) larger than the host budget: the probe never holds
-  them in memory (peak host allocations stay a fraction of them, measured by tracemalloc), fits
+  them in memory (peak host allocations stay within the budget, measured by tracemalloc), fits
   by streamed minibatch SGD, and still finds the classes."""
   import tracemalloc  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
@@ -152,15 +152,21 @@ def test_probe_streams_features_from_disk_within_the_host_budget(tmp_path):
   x.flush()
   x = np.load(str(tmp_path / "f.npy"), mmap_mode="r")
   budget = 8 * 2**20  # 8 MiB, against 61 MiB of float32 training features
-  tracemalloc.start()
   logged = []
-  r = probe.fit_and_select((x[:40_000], y[:40_000]), (x[40_000:50_000], y[40_000:50_000]),
-                           (x[50_000:], y[50_000:]), num_classes=k, l2_grid=(1e-4, 1e-3),
-                           sgd_epochs=2, max_host_bytes=budget, log=logged.append)
+  fit = functools.partial(
+      probe.fit_and_select, (x[:40_000], y[:40_000]), (x[40_000:50_000], y[40_000:50_000]),
+      (x[50_000:], y[50_000:]), num_classes=k, l2_grid=(1e-4, 1e-3), sgd_epochs=2,
+      max_host_bytes=budget, log=logged.append)
+  # Measured on a second, identical fit: the first one's imports and compilations allocate
+  # host memory too (as much as the probe's own, depending on what ran before in the process).
+  first = fit()
+  tracemalloc.start()
+  r = fit()
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
   assert r.streamed and r.solver == "sgd" and any("eval.max_host_gib" in m for m in logged)
-  assert peak < 4 * 40_000 * d / 2, peak  # under half of the float32 training features
+  assert r.test_acc == first.test_acc and r.l2 == first.l2
+  assert peak < budget, peak  # within the host budget: an eighth of the float32 features
   assert r.test_acc > 0.9 and r.fit.iterations > 0 and np.isfinite(r.fit.grad_norm)
   # Within budget, the same data is fit in memory with L-BFGS.
   small = probe.fit_and_select((x[:2000], y[:2000]), (x[2000:3000], y[2000:3000]),

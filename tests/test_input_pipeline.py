@@ -318,9 +318,14 @@ def test_unprepared_tfds_dataset_offline_fails_at_once_without_downloading(tmp_p
 
 
 def test_a_host_that_never_answers_is_given_up_on_within_the_timeout(monkeypatch):
+  import socket
   import time
-  monkeypatch.setattr(input_pipeline.socket, "create_connection",
-                      lambda *a, **k: time.sleep(60))
+
+  def never_answers(*args, **kwargs):  # its thread outlives the test: it ends as a timeout would
+    time.sleep(60)
+    raise socket.timeout("timed out")
+
+  monkeypatch.setattr(input_pipeline.socket, "create_connection", never_answers)
   start = time.monotonic()
   assert input_pipeline._unreachable(["a.example", "b.example"], timeout=0.5) == [
       "a.example", "b.example"]

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 
 # Imported once by the fork server; nothing of igpt_jax and nothing that starts a thread.
@@ -91,8 +92,9 @@ def _cold(argv, fresh, env) -> bool:
 
 class Popen:
   """`subprocess.Popen([sys.executable, *argv], text=True, ...)` for a forked run: stdout and
-  stderr are None (inherited), subprocess.PIPE (kept in a file, read by communicate() or from
-  .stdout) or, for stderr, subprocess.STDOUT. Signals go to the run's own pid."""
+  stderr are None (inherited), subprocess.PIPE (kept in a file, read by communicate() or, a
+  line at a time as from a pipe, from .stdout) or, for stderr, subprocess.STDOUT. Signals go to
+  the run's own pid."""
 
   def __init__(self, argv, *, cwd, env, stdout=None, stderr=None):
     self.args = [sys.executable, *argv]
@@ -105,6 +107,9 @@ class Popen:
     elif stderr == subprocess.STDOUT:
       paths["err"] = paths.get("out")
     self._paths = paths
+    for path in paths.values():  # there even if the run ends before it opens them
+      if path:
+        open(path, "a").close()
     child_out = os.devnull if stdout == subprocess.DEVNULL else paths.get("out")
     child_err = (os.devnull if stderr == subprocess.DEVNULL
                  or (stderr == subprocess.STDOUT and stdout == subprocess.DEVNULL)
@@ -113,9 +118,7 @@ class Popen:
         list(argv), env, str(cwd), child_out, child_err))
     self._proc.start()
     self.pid = self._proc.pid
-    self.stdout = open(paths["out"], "a+") if "out" in paths else None
-    if self.stdout is not None:
-      self.stdout.seek(0)
+    self.stdout = _Pipe(paths["out"], self) if "out" in paths else None
 
   @property
   def returncode(self):
@@ -167,6 +170,37 @@ class Popen:
   def __del__(self):
     if self.stdout is not None:
       self.stdout.close()
+
+
+class _Pipe:
+  """Popen.stdout: the run's output file read as a pipe is, a line at a time: a read waits
+  for the next line (or the end of the run) instead of stopping at the end of what is written
+  so far."""
+
+  def __init__(self, path, proc):
+    self._file = open(path, "a+")
+    self._file.seek(0)
+    self._proc = proc
+
+  def readline(self) -> str:
+    line = ""
+    while True:
+      line += self._file.readline()
+      if line.endswith("\n"):
+        return line
+      if self._proc.poll() is not None:  # ended: what is left, then "" (end of file)
+        return line + self._file.read()
+      time.sleep(0.02)
+
+  def __iter__(self):
+    return iter(self.readline, "")
+
+  def read(self) -> str:
+    self._proc.wait()
+    return self._file.read()
+
+  def close(self):
+    self._file.close()
 
 
 def _args(argv):

@@ -63,6 +63,22 @@ def per_device_bytes(tree, shardings) -> int:
 GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
 
 
+# libtpu, loaded to compile for a named topology on a machine without TPU chips, looks for the
+# TPU VM it runs on (cloud metadata, worker hostnames, host bounds) and prints a screen of errors
+# when there is none. None of that shapes a compile-only topology, whose name says it all (the
+# plans are the same with these set): a lone worker, so that it stays quiet. The user's own
+# values win, and a machine with TPU chips is left alone.
+_COMPILE_ONLY_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+                         "TPU_WORKER_ID": "0", "TPU_HOST_BOUNDS": "1,1,1"}
+
+
+def _quiet_libtpu_without_chips() -> None:
+  import glob  # pylint: disable=g-import-not-at-top
+  if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+    for key, value in _COMPILE_ONLY_TPU_ENV.items():
+      os.environ.setdefault(key, value)
+
+
 def topology_devices(name: str):
   """Compile-only devices of `name`: a TPU topology (v5e:16x16, v4:8x8x4, ...: libtpu's XLA:TPU
   compiler) or NVIDIA GPUs as hosts x GPUs per host (h100:1x8, h200:4x8: the XLA:GPU compiler of
@@ -86,6 +102,7 @@ def topology_devices(name: str):
           "(jax-cuda12-plugin and jax-cuda12-pjrt at the installed jax version).") from e
   # v4 and v5p chips run their two TensorCores as one device ("megacore"), as TPU VMs do.
   megacore = {"chip_config_name": "megacore"} if kind in ("v4", "v5p") else {}
+  _quiet_libtpu_without_chips()
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
                                              **megacore).devices)

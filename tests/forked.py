@@ -139,15 +139,18 @@ class Popen:
     shows that (and the end of its output) in the test's captured stderr."""
     os.kill(self.pid, signal.SIGUSR1)
     self._proc.join(2)
-    for name in ("out", "err"):
-      path = self._paths.get(name)
-      if path and (name == "out" or path != self._paths.get("out")):
-        with open(path) as f:
-          print(f"--- std{name} of the run that timed out ({self.args[1:3]}):\n"
-                f"{f.read()[-6000:]}", file=sys.stderr)
+    for name, text in zip(("stdout", "stderr"), self._outputs()):
+      if text is not None:
+        print(f"--- {name} of the run that timed out ({self.args[1:3]}):\n{text[-6000:]}",
+              file=sys.stderr)
 
   def communicate(self, timeout=None):
     self.wait(timeout)
+    return self._outputs()
+
+  def _outputs(self):
+    """(stdout, stderr) as captured so far: None where not captured, or (stderr) where it
+    went to stdout."""
     out = err = None
     if "out" in self._paths:
       with open(self._paths["out"]) as f:

@@ -4,9 +4,11 @@ In one run, for each model shape, image size and batch: the same random weights 
 transformers through `igpt_jax.weights.to_hf_state`) draw `batch` unconditional images with
 igpt_jax's sampler (`decoding.sample`) and with transformers' `generate(do_sample=True,
 top_k=0, use_cache=True)` (PyTorch, its own key/value cache); images/s of each and their
-ratio. Compile time is excluded (one warm-up call, which also checks that the seed draws the
-same images again); each figure is the median of --repeats calls. `--naive` adds the release's
-full-recompute sampler (slow: O(n^2) work per image).
+ratio, and how many images the sampler decodes together at each step (`decoding.default_group`:
+on a CPU, groups whose key/value cache stays in the processor's cache). Compile time is excluded
+(one warm-up call, which also checks that the seed draws the same images again); each figure is
+the median of --repeats calls. `--naive` adds the release's full-recompute sampler (slow:
+O(n^2) work per image).
 
 Then the cost of one decoding step at two positions (p = N/8 and 7N/8) of the largest size:
 the time of the block that holds each position divided by its length.
@@ -79,7 +81,7 @@ def torch_generate(params, cfg, batch, threads):
   return generate
 
 
-def step_costs(cfg, params, batch, repeats):
+def step_costs(cfg, params, batch, repeats, group=0):
   """Seconds per decoding step at p = N/8 and p = 7N/8: the time of the block holding p (its
   whole loop, jitted alone after the blocks before it) over its length."""
   n = cfg.seq_len
@@ -91,8 +93,7 @@ def step_costs(cfg, params, batch, repeats):
 
     run_block = jax.jit(functools.partial(
         decoding.draw_block, cfg, kv_cache.for_decoding(params, cfg), jax.random.PRNGKey(0),
-        lo=lo, hi=hi, prefix_len=0,
-        cfg=decoding.SamplingConfig()))
+        lo=lo, hi=hi, prefix_len=0, cfg=decoding.SamplingConfig(), group=group))
     carry = (jnp.zeros((batch, n), jnp.int32), kv_cache.empty(cfg, batch, lo))
     jax.block_until_ready(run_block(carry))
     costs[p] = median_time(lambda: jax.block_until_ready(run_block(carry)), repeats) / (hi - lo)
@@ -108,6 +109,8 @@ def main():
   parser.add_argument("--palette", type=int, default=512)
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--naive", action="store_true", help="also time the naive sampler")
+  parser.add_argument("--whole_batch", action="store_true",
+                      help="decode the whole batch at each step (no groups), for comparison")
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="torch.set_num_threads; 0 = torch's default (one per core)")
   parser.add_argument("--max_seconds", type=float, default=600,
@@ -118,7 +121,8 @@ def main():
         f"{args.heads} heads, palette {args.palette}, random weights, compile excluded, median "
         f"of {args.repeats}", flush=True)
   header = (f"{'model':>6} {'image':>6} {'batch':>5} {'igpt_jax img/s':>15} "
-            f"{'transformers img/s':>19} {'ratio':>7} {'same seed, same images':>23}")
+            f"{'transformers img/s':>19} {'ratio':>7} {'same seed, same images':>23} "
+            f"{'group':>6}")
   if args.naive:
     header += f" {'naive img/s':>12}"
   print(header, flush=True)
@@ -130,7 +134,8 @@ def main():
       for batch in (int(b) for b in args.batches.split(",")):
         rng = jax.random.PRNGKey(0)
         prefix = jnp.zeros((batch, cfg.seq_len), jnp.int32)
-        draw = lambda: np.asarray(decoding.sample(cfg, params, rng, prefix))
+        group = batch if args.whole_batch else decoding.default_group(cfg, batch)
+        draw = lambda: np.asarray(decoding.sample(cfg, params, rng, prefix, group=group))
         first = draw()  # compiles
         ours = median_time(draw, args.repeats)
         same = all(np.array_equal(first, draw()) for _ in range(1))
@@ -143,7 +148,8 @@ def main():
           theirs = once if once * args.repeats > args.max_seconds else median_time(
               ref, args.repeats)
         line = (f"{model:>6} {size:>4}^2 {batch:>5} {batch / ours:>15.2f} "
-                f"{batch / theirs:>19.2f} {theirs / ours:>6.1f}x {str(same):>23}")
+                f"{batch / theirs:>19.2f} {theirs / ours:>6.1f}x {str(same):>23} "
+                f"{group:>6}")
         if args.naive:
           apply_fn = lambda p, t, m=model_lib.IGPT(cfg): m.apply({"params": p}, t)
           naive = lambda: np.asarray(decoding.sample_naive(apply_fn, params, rng, prefix))
@@ -153,7 +159,7 @@ def main():
 
   cfg, params = random_model(2, 64, args.heads, args.palette, max(sizes) ** 2)
   batch = max(int(b) for b in args.batches.split(","))
-  costs = step_costs(cfg, params, batch, args.repeats)
+  costs = step_costs(cfg, params, batch, args.repeats, batch if args.whole_batch else 0)
   (early, t_early), (late, t_late) = sorted(costs.items())
   print(f"\none decoding step, 2x64, {max(sizes)}^2, batch {batch}: p={early} {t_early * 1e3:.2f} "
         f"ms, p={late} {t_late * 1e3:.2f} ms ({t_late / t_early:.1f}x)", flush=True)

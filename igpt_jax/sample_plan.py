@@ -82,7 +82,9 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
   batch_sharding = sharding.batch_sharding(mesh)
   prefix = jax.ShapeDtypeStruct((batch, n), jnp.int32, sharding=batch_sharding)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-  draw = jax.jit(lambda p, r, x: decoding.sample(model_cfg, p, r, x),
+  # group=batch: the whole batch at each step, as on accelerators (`decoding.default_group`
+  # would pick for this process's own CPU).
+  draw = jax.jit(lambda p, r, x: decoding.sample(model_cfg, p, r, x, group=batch),
                  in_shardings=(shardings.params, sharding.replicated(mesh), batch_sharding),
                  out_shardings=batch_sharding)
   with sharding.use(mesh, config):

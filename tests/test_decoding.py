@@ -116,6 +116,43 @@ def test_sampled_images_equal_the_naive_samplers(prefix_len=16):
     np.testing.assert_array_equal(cached, naive)
 
 
+def test_images_drawn_in_groups_are_the_images_of_the_whole_batch():
+  """Each block's steps run a group of images at a time (`group`): the images do not depend on
+  the grouping (each image's noise is its row of the whole batch's), drawn or greedy."""
+  cfg, params, apply_fn = make_model(head_scale=3.0)
+  prefix = jax.random.randint(jax.random.PRNGKey(4), (6, cfg.seq_len), 0, cfg.vocab_size)
+  for sampling_cfg in (decoding.SamplingConfig(), decoding.SamplingConfig(greedy=True)):
+    naive = np.asarray(decoding.sample_naive(apply_fn, params, jax.random.PRNGKey(9), prefix,
+                                             prefix_len=16, cfg=sampling_cfg))
+    for group in (1, 2, 3, 6):
+      grouped = decoding.sample(cfg, params, jax.random.PRNGKey(9), prefix, prefix_len=16,
+                                block=8, group=group, cfg=sampling_cfg)
+      np.testing.assert_array_equal(np.asarray(grouped), naive, err_msg=f"group={group}")
+  with pytest.raises(ValueError, match="group=4 must divide the batch"):
+    decoding.sample(cfg, params, jax.random.PRNGKey(9), prefix, group=4)
+
+
+def test_default_group_keeps_a_groups_cache_within_the_cpus_budget():
+  """On one CPU device: the largest divisor of the batch (2 or more) whose full-length cache
+  fits CPU_GROUP_CACHE_BYTES (16 MiB) and outweighs the weights, else the whole batch."""
+  assert jax.default_backend() == "cpu" and decoding.CPU_GROUP_CACHE_BYTES == 16 * 2**20
+  small = lambda seq_len, **kw: model_lib.ModelConfig(
+      vocab_size=512, seq_len=seq_len, num_layers=2, width=64, num_heads=4, **kw)
+  # 2 layers x 64 at 64x64: 2 x 2 x 4,096 x 64 x 4 bytes = 4 MiB an image.
+  assert decoding.default_group(small(4096), 32) == 4
+  assert decoding.default_group(small(4096), 6) == 3
+  assert decoding.default_group(small(4096), 4) == 4
+  assert decoding.default_group(small(4096, dtype="bfloat16"), 32) == 8  # 2 MiB an image
+  assert decoding.default_group(small(1024), 32) == 16  # 32x32: 1 MiB an image
+  assert decoding.default_group(small(1024), 7) == 7
+  assert decoding.default_group(small(1024 * 9), 32) == 32  # 9 MiB an image: no two fit
+  # 8 layers x 256: 24.5 MiB of weights, more than a group's cache at 16x16 (4 MiB an image).
+  big = lambda seq_len: model_lib.ModelConfig(vocab_size=512, seq_len=seq_len, num_layers=8,
+                                              width=256, num_heads=4)
+  assert decoding.default_group(big(256), 32) == 32
+  assert decoding.default_group(big(1024), 32) == 32  # 32x32: 16 MiB an image
+
+
 def test_sampling_is_reproducible_from_the_seed():
   cfg, params, _ = make_model()
   zeros = jnp.zeros((4, cfg.seq_len), jnp.int32)
@@ -288,11 +325,15 @@ config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
 mesh = sharding.make_mesh(config)
 with sharding.use(mesh, config):
   on_mesh = decoding.sample(cfg, params, rng, prefix, prefix_len=20, block=16)
+  grouped = decoding.sample(cfg, params, rng, prefix, prefix_len=20, block=16, group=4)
+  group_on_mesh = decoding.default_group(cfg, 8)
   carry = (prefix, kv_cache.empty(cfg, 8, 16))
   _, cache = jax.jit(lambda c: decoding.draw_block(
       cfg, params, rng, c, 16, 32, prefix_len=0, cfg=decoding.SamplingConfig()))(carry)
 print("SHARDED" + json.dumps({
     "same": bool(np.array_equal(one_device, np.asarray(on_mesh))),
+    "same_grouped": bool(np.array_equal(one_device, np.asarray(grouped))),
+    "default_group": group_on_mesh,
     "devices": len(on_mesh.sharding.device_set),
     "cache_spec": str(cache.key[0].sharding.spec),
     "cache_shard": list(cache.key[0].addressable_shards[0].data.shape)}))
@@ -301,12 +342,14 @@ print("SHARDED" + json.dumps({
 
 def test_sampling_on_a_mesh_draws_the_images_of_one_device():
   """Batch over data x fsdp, heads over tensor (8 fake devices): the cache is split that way
-  and the seed draws the same images as on one device."""
+  and the seed draws the same images as on one device, also two groups of 4 images at a time
+  (a mesh of several devices draws the whole batch at each step unless told otherwise)."""
   out = run_on_fake_devices(SHARDED_SAMPLING, tag="SHARDED")
-  assert out["same"] and out["devices"] == 8, out
+  assert out["same"] and out["same_grouped"] and out["devices"] == 8, out
+  assert out["default_group"] == 8, out
   assert out["cache_spec"] == str(jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")), out
-  # 8 images, 4 heads, 32 cache rows, head_dim 16: a quarter of the images, half the heads.
-  assert out["cache_shard"] == [2, 2, 32, 16], out
+  # 8 images, 4 heads, head_dim 16, 32 cache rows: a quarter of the images, half the heads.
+  assert out["cache_shard"] == [2, 2, 16, 32], out
 
 
 def test_draws_are_jax_categorical_and_block_noise_is_per_step_noise():

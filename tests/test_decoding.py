@@ -121,10 +121,11 @@ def test_images_drawn_in_groups_are_the_images_of_the_whole_batch():
   the grouping (each image's noise is its row of the whole batch's), drawn or greedy."""
   cfg, params, apply_fn = make_model(head_scale=3.0)
   prefix = jax.random.randint(jax.random.PRNGKey(4), (6, cfg.seq_len), 0, cfg.vocab_size)
-  for sampling_cfg in (decoding.SamplingConfig(), decoding.SamplingConfig(greedy=True)):
+  for sampling_cfg, groups in ((decoding.SamplingConfig(), (1, 2, 3)),
+                               (decoding.SamplingConfig(greedy=True), (2,))):
     naive = np.asarray(decoding.sample_naive(apply_fn, params, jax.random.PRNGKey(9), prefix,
                                              prefix_len=16, cfg=sampling_cfg))
-    for group in (1, 2, 3, 6):
+    for group in groups:
       grouped = decoding.sample(cfg, params, jax.random.PRNGKey(9), prefix, prefix_len=16,
                                 block=8, group=group, cfg=sampling_cfg)
       np.testing.assert_array_equal(np.asarray(grouped), naive, err_msg=f"group={group}")

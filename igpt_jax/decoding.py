@@ -107,14 +107,25 @@ def block_noise(rng, lo: int, hi: int, shape):
   return noise.reshape(steps, *shape)
 
 
+def first_argmax(x):
+  """`jnp.argmax(x, axis=-1)` as int32 (the first of equal maxima; the first NaN if there is
+  one) in two plain reductions. XLA:CPU's argmax, one reduction over (value, index) pairs, took
+  4x as long on [32, 512] logits: ~50 us of every sampling step at batch 32."""
+  nan = jnp.isnan(x)
+  top = jnp.max(x, axis=-1, keepdims=True)  # XLA:CPU's max may skip NaN
+  hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == top)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 def choose(rng, logits, cfg: SamplingConfig, noise=None):
   """One color per row of logits [..., vocab] -> int32 [...]: the Gumbel-max draw
   argmax(logits + noise), which is `jax.random.categorical(rng, logits)`. `noise`, when
   given, is `gumbel_noise(rng, logits.shape)` computed beforehand."""
   if cfg.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return first_argmax(logits)
   noise = gumbel_noise(rng, logits.shape) if noise is None else noise
-  return jnp.argmax(filter_logits(logits, cfg) + noise, axis=-1).astype(jnp.int32)
+  return first_argmax(filter_logits(logits, cfg) + noise)
 
 
 def default_block(seq_len: int) -> int:

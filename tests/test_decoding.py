@@ -353,6 +353,20 @@ def test_sampling_on_a_mesh_draws_the_images_of_one_device():
   assert out["cache_shard"] == [2, 2, 16, 32], out
 
 
+def test_first_argmax_is_jnp_argmax():
+  """Ties (the first wins), -inf entries (filtered colors), NaN (the first NaN) and all -inf."""
+  x = np.array(jax.random.normal(jax.random.PRNGKey(3), (64, 512)))
+  x[1, [7, 300]] = 9.0  # a tie: 7
+  x[2, :500] = -np.inf
+  x[3, [11, 40]] = np.nan
+  x[4] = -np.inf
+  x[5] = 0.0
+  np.testing.assert_array_equal(decoding.first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+  assert decoding.first_argmax(jnp.asarray(x)).dtype == jnp.int32
+  assert list(np.asarray(decoding.first_argmax(jnp.asarray(x[1:6])))) == [7, 500 + int(
+      np.argmax(x[2, 500:])), 11, 0, 0]
+
+
 def test_draws_are_jax_categorical_and_block_noise_is_per_step_noise():
   """`choose` is `jax.random.categorical` (so a seed draws the images it always drew), and the
   noise a block draws at once is the noise of each step drawn alone."""

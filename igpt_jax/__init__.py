@@ -12,6 +12,11 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+def tpu_chips_attached() -> bool:
+  """Whether this machine has TPU chips (their device files), whatever jax was told to use."""
+  return bool(_glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/[0-9]*"))
+
+
 def _cpu_when_no_accelerator_is_attached() -> None:
   """The compilers for `plan` (libtpu, jax-cuda12-plugin) installed on a machine with no TPU
   chip and no NVIDIA GPU: jax would try to open each at start and print their errors (libtpu's
@@ -21,8 +26,8 @@ def _cpu_when_no_accelerator_is_attached() -> None:
     return
   plugins = [m for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin")
              if _util.find_spec(m) is not None]
-  attached = (_glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/[0-9]*")
-              or _glob.glob("/dev/nvidia[0-9]*") or _os.environ.get("TPU_WORKER_HOSTNAMES"))
+  attached = (tpu_chips_attached() or _glob.glob("/dev/nvidia[0-9]*")
+              or _os.environ.get("TPU_WORKER_HOSTNAMES"))
   if plugins and not attached:
     _os.environ["JAX_PLATFORMS"] = "cpu"
     # Compile-only TPU devices need no chip, so libtpu's one-process lock guards nothing.

@@ -15,6 +15,7 @@ jax is imported inside the functions: `use_fake_devices` must run before jax ope
 import os
 import sys
 
+import igpt_jax
 from igpt_jax import errors
 
 GIB = 1024**3
@@ -73,8 +74,7 @@ _COMPILE_ONLY_TPU_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "loc
 
 
 def _quiet_libtpu_without_chips() -> None:
-  import glob  # pylint: disable=g-import-not-at-top
-  if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
+  if not igpt_jax.tpu_chips_attached():
     for key, value in _COMPILE_ONLY_TPU_ENV.items():
       os.environ.setdefault(key, value)
 

@@ -8,7 +8,6 @@ skipped, unless $IGPT_REQUIRE_DATA=1 (set by .ci/run), where they fail.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ import time
 import pytest
 
 import forked
+import igpt_jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _libtpu_without_a_tpu() -> bool:
   """libtpu is installed (the [tpu] extra: the TPU compiler for the compile-only tests) on a
   machine with no TPU chips."""
-  return (importlib.util.find_spec("libtpu") is not None
-          and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*"))
+  return importlib.util.find_spec("libtpu") is not None and not igpt_jax.tpu_chips_attached()
 
 
 # With libtpu installed, jax would try to open a TPU first in every test process; on a machine

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from igpt_jax import errors
+from igpt_jax import flops
 from igpt_jax import kv_cache
 from igpt_jax import model as model_lib
 
@@ -153,10 +154,9 @@ def default_group(model_cfg: model_lib.ModelConfig, batch: int) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
     return batch
-  itemsize = jnp.dtype(model_cfg.compute_dtype).itemsize
-  per_image = 2 * model_cfg.num_layers * model_cfg.seq_len * model_cfg.width * itemsize
-  weights = (model_cfg.num_layers * (4 + 2 * model_cfg.mlp_ratio) * model_cfg.width**2
-             + model_cfg.vocab_size * model_cfg.width) * itemsize
+  per_image = kv_cache.bytes_per_image(model_cfg)
+  weights = jnp.dtype(model_cfg.compute_dtype).itemsize * flops.matmul_params(
+      model_cfg.num_layers, model_cfg.width, model_cfg.mlp_ratio, model_cfg.vocab_size)
   fits = [g for g in range(2, batch + 1) if batch % g == 0
           and weights < g * per_image <= CPU_GROUP_CACHE_BYTES]
   return max(fits) if fits else batch
@@ -168,10 +168,9 @@ def _groups(x, axis: int, groups: int):
   return jnp.moveaxis(x, axis, 0)
 
 
-def _ungroup(x, axis: int):
-  """The inverse of `_groups`."""
-  x = jnp.moveaxis(x, 0, axis)
-  return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+def _ungroup(x):
+  """The inverse of `_groups(x, 0, ...)`: [groups, images per group, ...] -> [images, ...]."""
+  return x.reshape(-1, *x.shape[2:])
 
 
 def draw_block(model_cfg, params, rng, carry, lo: int, hi: int, *, prefix_len: int,
@@ -216,7 +215,7 @@ def draw_block(model_cfg, params, rng, carry, lo: int, hi: int, *, prefix_len: i
       lambda xs: steps(*xs),
       ((split(tokens), jax.tree_util.tree_map(split, cache)),
        None if noise is None else _groups(noise, 1, groups)))
-  return _ungroup(tokens, 0), jax.tree_util.tree_map(lambda x: _ungroup(x, 0), cache)
+  return _ungroup(tokens), jax.tree_util.tree_map(_ungroup, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "prefix_len", "cfg", "block", "group"))

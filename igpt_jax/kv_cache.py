@@ -59,6 +59,12 @@ def empty(cfg: model_lib.ModelConfig, batch: int, length: int) -> Cache:
   return Cache(zeros(), zeros())
 
 
+def bytes_per_image(cfg: model_lib.ModelConfig) -> int:
+  """The cache of one image at full length: keys and values of every layer and position."""
+  return (2 * cfg.num_layers * cfg.seq_len * cfg.width
+          * jnp.dtype(cfg.compute_dtype).itemsize)
+
+
 def length(cache: Cache) -> int:
   return cache.key[0].shape[3]
 

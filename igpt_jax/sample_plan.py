@@ -28,11 +28,11 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
 
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
 
   from igpt_jax import config_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import decoding  # pylint: disable=g-import-not-at-top
   from igpt_jax import flops  # pylint: disable=g-import-not-at-top
+  from igpt_jax import kv_cache  # pylint: disable=g-import-not-at-top
   from igpt_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   from igpt_jax import sharding  # pylint: disable=g-import-not-at-top
   from igpt_jax import train_state  # pylint: disable=g-import-not-at-top
@@ -59,9 +59,7 @@ def plan(config, batch: int, hbm_gib: float | None = None, devices=None, costs: 
   params_b = planner.per_device_bytes(abstract.params, shardings.params)
   n = model_cfg.seq_len
   heads_split = mesh.shape["tensor"] if model_cfg.num_heads % mesh.shape["tensor"] == 0 else 1
-  cache_b = (2 * model_cfg.num_layers * (batch // image_shards) * n
-             * (model_cfg.num_heads // heads_split) * model_cfg.head_dim
-             * np.dtype(model_cfg.compute_dtype).itemsize)
+  cache_b = kv_cache.bytes_per_image(model_cfg) * (batch // image_shards) // heads_split
   out = {
       "program": "sampler",
       "devices": len(devices),
